@@ -1,0 +1,113 @@
+/* Owns the byte counters and the current cell's start/peak/budget (include/mg_acct.h).
+ * Hooks of any thread update it; Python (GIL held) starts cells; the monitor reads it. */
+#include <stdatomic.h>
+
+#include "mg_acct.h"
+
+/* Written by mg_acct_set_enabled (release); read by hooks (relaxed). */
+static _Atomic int s_enabled = 0;
+/* Written by hooks (relaxed RMW); read by everyone (relaxed). Live bytes since install. */
+static _Atomic int64_t s_tracked = 0;
+static _Atomic int64_t s_domain[MG_DOMAIN_COUNT];
+/* Written by mg_acct_cell_begin (relaxed, GIL held); read by hooks and the monitor. */
+static _Atomic int64_t s_cell_start = 0;
+static _Atomic int64_t s_epoch = 0;
+/* Written by mg_acct_cell_begin/set_budget; read by hooks (relaxed). 0 = no budget. */
+static _Atomic int64_t s_budget = 0;
+/* Raised by hooks (CAS, relaxed); reset by mg_acct_cell_begin; read by the monitor. */
+static _Atomic int64_t s_cell_peak = 0;
+/* Set by the first hook that crosses the budget in a cell (exchange, acq_rel), so exactly
+ * one allocation reports the crossing; cleared by cell_begin/set_budget. */
+static _Atomic int s_crossed = 0;
+
+void mg_acct_set_enabled(int enabled)
+{
+    atomic_store_explicit(&s_enabled, enabled ? 1 : 0, memory_order_release);
+}
+
+MG_HOOKSAFE int mg_acct_enabled(void)
+{
+    return atomic_load_explicit(&s_enabled, memory_order_relaxed);
+}
+
+MG_HOOKSAFE int mg_acct_alloc(mg_domain_t d, size_t n)
+{
+    int64_t now;
+    int64_t peak;
+    int64_t budget;
+
+    atomic_fetch_add_explicit(&s_domain[d], (int64_t)n, memory_order_relaxed);
+    now = atomic_fetch_add_explicit(&s_tracked, (int64_t)n, memory_order_relaxed) + (int64_t)n;
+    peak = atomic_load_explicit(&s_cell_peak, memory_order_relaxed);
+    while (now > peak &&
+           !atomic_compare_exchange_weak_explicit(&s_cell_peak, &peak, now,
+                                                  memory_order_relaxed, memory_order_relaxed)) {
+        /* peak was reloaded by the failed CAS; retry while we are still higher */
+    }
+    budget = atomic_load_explicit(&s_budget, memory_order_relaxed);
+    if (budget <= 0 || now - atomic_load_explicit(&s_cell_start, memory_order_relaxed) <= budget)
+        return 0;
+    if (atomic_load_explicit(&s_crossed, memory_order_relaxed))
+        return 0; /* cheap early exit: the crossing was already reported this cell */
+    return atomic_exchange_explicit(&s_crossed, 1, memory_order_acq_rel) == 0;
+}
+
+MG_HOOKSAFE void mg_acct_free(mg_domain_t d, size_t n)
+{
+    atomic_fetch_sub_explicit(&s_domain[d], (int64_t)n, memory_order_relaxed);
+    atomic_fetch_sub_explicit(&s_tracked, (int64_t)n, memory_order_relaxed);
+}
+
+MG_HOOKSAFE int64_t mg_acct_cell_usage(void)
+{
+    return atomic_load_explicit(&s_tracked, memory_order_relaxed) -
+           atomic_load_explicit(&s_cell_start, memory_order_relaxed);
+}
+
+MG_HOOKSAFE int64_t mg_acct_epoch(void)
+{
+    return atomic_load_explicit(&s_epoch, memory_order_relaxed);
+}
+
+void mg_acct_cell_begin(int64_t epoch, int64_t budget)
+{
+    int64_t now = atomic_load_explicit(&s_tracked, memory_order_relaxed);
+
+    /* Budget 0 first, so no hook compares a new start against the old cell's budget. */
+    atomic_store_explicit(&s_budget, 0, memory_order_relaxed);
+    atomic_store_explicit(&s_cell_start, now, memory_order_relaxed);
+    atomic_store_explicit(&s_cell_peak, now, memory_order_relaxed);
+    atomic_store_explicit(&s_crossed, 0, memory_order_relaxed);
+    atomic_store_explicit(&s_epoch, epoch, memory_order_release);
+    atomic_store_explicit(&s_budget, budget > 0 ? budget : 0, memory_order_release);
+}
+
+void mg_acct_set_budget(int64_t budget)
+{
+    atomic_store_explicit(&s_crossed, 0, memory_order_relaxed);
+    atomic_store_explicit(&s_budget, budget > 0 ? budget : 0, memory_order_release);
+}
+
+void mg_acct_snapshot(mg_acct_snapshot_t *out)
+{
+    out->tracked = atomic_load_explicit(&s_tracked, memory_order_relaxed);
+    for (int d = 0; d < MG_DOMAIN_COUNT; d++)
+        out->domain[d] = atomic_load_explicit(&s_domain[d], memory_order_relaxed);
+    out->cell_start = atomic_load_explicit(&s_cell_start, memory_order_relaxed);
+    out->cell_peak = atomic_load_explicit(&s_cell_peak, memory_order_relaxed);
+    out->budget = atomic_load_explicit(&s_budget, memory_order_relaxed);
+    out->epoch = atomic_load_explicit(&s_epoch, memory_order_acquire);
+    out->crossed = atomic_load_explicit(&s_crossed, memory_order_relaxed);
+}
+
+void mg_acct_reset(void)
+{
+    atomic_store(&s_tracked, 0);
+    for (int d = 0; d < MG_DOMAIN_COUNT; d++)
+        atomic_store(&s_domain[d], 0);
+    atomic_store(&s_cell_start, 0);
+    atomic_store(&s_cell_peak, 0);
+    atomic_store(&s_budget, 0);
+    atomic_store(&s_epoch, 0);
+    atomic_store(&s_crossed, 0);
+}

@@ -1,0 +1,27 @@
+/* Owns the counting step shared by every allocator hook: bytes into mg_acct, and a budget
+ * event into the ring on the first crossing in a cell. Any thread, with or without GIL. */
+#include "mg_acct.h"
+#include "mg_frames.h"
+#include "mg_hooks.h"
+#include "mg_ring.h"
+
+MG_HOOKSAFE void mg_hooks_count_alloc(mg_domain_t d, size_t n)
+{
+    mg_event_t ev;
+
+    if (!mg_acct_alloc(d, n))
+        return;
+    /* Rare path: once per cell. The line is read only if this thread holds the GIL. */
+    ev.kind = MG_KIND_BUDGET;
+    ev.line = mg_frames_cell_line();
+    ev.epoch = mg_acct_epoch();
+    ev.bytes = (int64_t)n;
+    ev.usage = mg_acct_cell_usage();
+    ev.t = mg_ring_now();
+    (void)mg_ring_push(&ev); /* a full ring counts the drop itself */
+}
+
+MG_HOOKSAFE void mg_hooks_count_free(mg_domain_t d, size_t n)
+{
+    mg_acct_free(d, n);
+}

@@ -1,0 +1,144 @@
+/* Owns the wrappers of the PyMem RAW domain and of the pymalloc arena allocator. RAW runs
+ * in any thread, with or without the GIL; arenas under the GIL. Install/uninstall: GIL. */
+#include <malloc.h>
+
+#include "mg_acct.h"
+#include "mg_guard.h"
+#include "mg_hooks.h"
+
+/* The allocators we wrap, passed to our wrappers as ctx. Written by install (GIL held)
+ * before our wrappers are set; read by the wrappers. Never freed or cleared: a wrapper
+ * still in a chain after uninstall keeps calling through them. */
+static PyMemAllocatorEx s_prev_raw;
+static PyObjectArenaAllocator s_prev_arena;
+/* Whether our wrapper is somewhere in the RAW / arena chain. GIL held (install/uninstall). */
+static int s_raw_wrapped = 0;
+static int s_arena_wrapped = 0;
+
+/* Blocks are counted by malloc_usable_size on both alloc and free, so the two always agree
+ * even when a caller's size arguments drift (platform-facts: exact against mallinfo2).
+ * That requires the RAW chain below us to hand out malloc'd pointers, which is why the
+ * Python side refuses to load under PYTHONMALLOC=debug (the debug hooks offset pointers). */
+static void *raw_malloc(void *ctx, size_t n)
+{
+    PyMemAllocatorEx *prev = ctx;
+    int was = mg_guard_enter();
+    void *p = prev->malloc(prev->ctx, n);
+
+    if (p != NULL && !was && mg_acct_enabled())
+        mg_hooks_count_alloc(MG_DOMAIN_RAW, malloc_usable_size(p));
+    mg_guard_leave(was);
+    return p;
+}
+
+static void *raw_calloc(void *ctx, size_t nelem, size_t elsize)
+{
+    PyMemAllocatorEx *prev = ctx;
+    int was = mg_guard_enter();
+    void *p = prev->calloc(prev->ctx, nelem, elsize);
+
+    if (p != NULL && !was && mg_acct_enabled())
+        mg_hooks_count_alloc(MG_DOMAIN_RAW, malloc_usable_size(p));
+    mg_guard_leave(was);
+    return p;
+}
+
+static void *raw_realloc(void *ctx, void *ptr, size_t n)
+{
+    PyMemAllocatorEx *prev = ctx;
+    int was = mg_guard_enter();
+    int count = !was && mg_acct_enabled();
+    size_t old = (count && ptr != NULL) ? malloc_usable_size(ptr) : 0;
+    void *p = prev->realloc(prev->ctx, ptr, n);
+
+    /* A realloc that succeeds is free(old) + alloc(new); one that fails changed nothing. */
+    if (p != NULL && count) {
+        mg_hooks_count_free(MG_DOMAIN_RAW, old);
+        mg_hooks_count_alloc(MG_DOMAIN_RAW, malloc_usable_size(p));
+    }
+    mg_guard_leave(was);
+    return p;
+}
+
+static void raw_free(void *ctx, void *ptr)
+{
+    PyMemAllocatorEx *prev = ctx;
+    int was = mg_guard_enter();
+
+    /* Count before the real free, so the address cannot be reused in between. */
+    if (ptr != NULL && !was && mg_acct_enabled())
+        mg_hooks_count_free(MG_DOMAIN_RAW, malloc_usable_size(ptr));
+    prev->free(prev->ctx, ptr);
+    mg_guard_leave(was);
+}
+
+static void *arena_alloc(void *ctx, size_t n)
+{
+    PyObjectArenaAllocator *prev = ctx;
+    int was = mg_guard_enter();
+    void *p = prev->alloc(prev->ctx, n);
+
+    if (p != NULL && !was && mg_acct_enabled())
+        mg_hooks_count_alloc(MG_DOMAIN_ARENA, n);
+    mg_guard_leave(was);
+    return p;
+}
+
+static void arena_free(void *ctx, void *ptr, size_t n)
+{
+    PyObjectArenaAllocator *prev = ctx;
+    int was = mg_guard_enter();
+
+    if (ptr != NULL && !was && mg_acct_enabled())
+        mg_hooks_count_free(MG_DOMAIN_ARENA, n);
+    prev->free(prev->ctx, ptr, n);
+    mg_guard_leave(was);
+}
+
+int mg_hooks_pymem_install(void)
+{
+    if (!s_raw_wrapped) {
+        PyMemAllocatorEx mine;
+
+        PyMem_GetAllocator(PYMEM_DOMAIN_RAW, &s_prev_raw);
+        mine.ctx = &s_prev_raw;   /* the allocator we wrap */
+        mine.malloc = raw_malloc;  /* counts malloc_usable_size after success */
+        mine.calloc = raw_calloc;  /* same */
+        mine.realloc = raw_realloc; /* free(old) + alloc(new) on success */
+        mine.free = raw_free;      /* counts before the real free */
+        PyMem_SetAllocator(PYMEM_DOMAIN_RAW, &mine);
+        s_raw_wrapped = 1;
+    }
+    if (!s_arena_wrapped) {
+        PyObjectArenaAllocator mine;
+
+        PyObject_GetArenaAllocator(&s_prev_arena);
+        mine.ctx = &s_prev_arena; /* the arena allocator we wrap */
+        mine.alloc = arena_alloc; /* counts the arena size after success */
+        mine.free = arena_free;   /* counts the size CPython passes, before the real free */
+        PyObject_SetArenaAllocator(&mine);
+        s_arena_wrapped = 1;
+    }
+    return 0;
+}
+
+int mg_hooks_pymem_uninstall(void)
+{
+    int restored = 0;
+    PyMemAllocatorEx raw;
+    PyObjectArenaAllocator arena;
+
+    PyMem_GetAllocator(PYMEM_DOMAIN_RAW, &raw);
+    if (s_raw_wrapped && raw.malloc == raw_malloc) {
+        PyMem_SetAllocator(PYMEM_DOMAIN_RAW, &s_prev_raw);
+        s_raw_wrapped = 0;
+        restored++;
+    }
+    PyObject_GetArenaAllocator(&arena);
+    if (s_arena_wrapped && arena.alloc == arena_alloc) {
+        PyObject_SetArenaAllocator(&s_prev_arena);
+        s_arena_wrapped = 0;
+        restored++;
+    }
+    return restored;
+}

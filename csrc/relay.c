@@ -1,0 +1,191 @@
+/* Owns the monitor thread and its libzmq PUSH socket: ring events and peak growth become
+ * mg_wire_t records for the Python relay. Started/stopped under the GIL; the thread runs
+ * without it. */
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <string.h>
+#include <time.h>
+#include <zmq.h>
+
+#include "mg_acct.h"
+#include "mg_relay.h"
+#include "mg_ring.h"
+
+_Static_assert(sizeof(mg_wire_t) == 64, "mg_wire_t must have no padding");
+
+/* Written by start/stop (GIL held) while the thread is not running; the thread reads
+ * s_sock only between its creation and its join, which order the accesses. */
+static void *s_ctx = NULL;
+static void *s_sock = NULL;
+static pthread_t s_thread;
+static int s_period_ms = 2;
+/* Written by start/stop/atfork (release); read by the thread and anyone (acquire). */
+static _Atomic int s_running = 0;
+static _Atomic int s_stop = 0;
+/* Written by the thread (relaxed); read by anyone. */
+static _Atomic uint64_t s_sent = 0;
+static _Atomic uint64_t s_dropped = 0;
+
+/* The one place libzmq return codes are judged (pyzmq _check_rc). EAGAIN on a send means
+ * the peer is absent or slow: drop the record and count it, never block. Returns 0 if the
+ * call succeeded. The monitor thread holds no GIL, so EINTR is simply a failed send here. */
+static int mg_zmq_check(int rc)
+{
+    if (rc >= 0)
+        return 0;
+    if (zmq_errno() == EAGAIN)
+        atomic_fetch_add_explicit(&s_dropped, 1, memory_order_relaxed);
+    return -1;
+}
+
+static void relay_send(uint32_t kind, int64_t epoch, int32_t line, int64_t bytes,
+                       int64_t usage, double t)
+{
+    mg_acct_snapshot_t snap;
+    mg_wire_t w;
+
+    mg_acct_snapshot(&snap);
+    memset(&w, 0, sizeof(w));
+    w.version = MG_WIRE_VERSION;
+    w.kind = kind;
+    w.epoch = epoch;
+    w.line = line;
+    w.bytes = bytes;
+    w.usage = usage;
+    w.peak = snap.epoch == epoch ? snap.cell_peak - snap.cell_start : usage;
+    w.budget = snap.budget;
+    w.t = t;
+    if (mg_zmq_check(zmq_send(s_sock, &w, sizeof(w), ZMQ_DONTWAIT)) == 0)
+        atomic_fetch_add_explicit(&s_sent, 1, memory_order_relaxed);
+}
+
+static void *relay_main(void *arg)
+{
+    struct timespec nap = {0, (long)s_period_ms * 1000000L};
+    int64_t alerted_epoch = 0; /* the cell whose budget alert was sent last */
+    int32_t alerted_line = -1;
+    int64_t last_usage = 0;    /* the usage in the last record for alerted_epoch */
+
+    (void)arg;
+    while (!atomic_load_explicit(&s_stop, memory_order_acquire)) {
+        mg_event_t ev;
+        mg_acct_snapshot_t snap;
+
+        while (mg_ring_pop(&ev) == 0) {
+            relay_send(ev.kind, ev.epoch, ev.line, ev.bytes, ev.usage, ev.t);
+            if (ev.kind == MG_KIND_BUDGET) {
+                alerted_epoch = ev.epoch;
+                alerted_line = ev.line;
+                last_usage = ev.usage;
+            }
+        }
+        mg_acct_snapshot(&snap);
+        if (alerted_epoch != 0 && snap.epoch == alerted_epoch && snap.crossed) {
+            int64_t peak = snap.cell_peak - snap.cell_start;
+
+            if ((double)peak >= (double)last_usage * (1.0 + MG_GROW_STEP)) {
+                relay_send(MG_KIND_BUDGET_GROW, alerted_epoch, alerted_line, 0, peak,
+                           mg_ring_now());
+                last_usage = peak;
+            }
+        }
+        nanosleep(&nap, NULL);
+    }
+    return NULL;
+}
+
+int mg_relay_start(const char *endpoint, int period_ms)
+{
+    int linger = 0;
+    int hwm = 1000;
+    int rc;
+
+    if (atomic_load_explicit(&s_running, memory_order_acquire)) {
+        errno = EALREADY;
+        return MG_ERR;
+    }
+    if (period_ms < 1 || period_ms > 1000) {
+        errno = EINVAL;
+        return MG_ERR;
+    }
+    s_ctx = zmq_ctx_new();
+    if (s_ctx == NULL)
+        return MG_ERR;
+    s_sock = zmq_socket(s_ctx, ZMQ_PUSH);
+    if (s_sock == NULL)
+        goto error;
+    if (zmq_setsockopt(s_sock, ZMQ_LINGER, &linger, sizeof(linger)) < 0 ||
+        zmq_setsockopt(s_sock, ZMQ_SNDHWM, &hwm, sizeof(hwm)) < 0 ||
+        zmq_connect(s_sock, endpoint) < 0)
+        goto error;
+    s_period_ms = period_ms;
+    atomic_store_explicit(&s_stop, 0, memory_order_release);
+    rc = pthread_create(&s_thread, NULL, relay_main, NULL);
+    if (rc != 0) {
+        errno = rc;
+        goto error;
+    }
+    atomic_store_explicit(&s_running, 1, memory_order_release);
+    return MG_OK;
+
+error:
+    rc = errno;
+    if (s_sock != NULL)
+        zmq_close(s_sock);
+    zmq_ctx_term(s_ctx);
+    s_sock = NULL;
+    s_ctx = NULL;
+    errno = rc;
+    return MG_ERR;
+}
+
+int mg_relay_stop(void)
+{
+    if (!atomic_load_explicit(&s_running, memory_order_acquire))
+        return MG_OK;
+    atomic_store_explicit(&s_stop, 1, memory_order_release);
+    pthread_join(s_thread, NULL);
+    atomic_store_explicit(&s_running, 0, memory_order_release);
+    zmq_close(s_sock);
+    zmq_ctx_term(s_ctx);
+    s_sock = NULL;
+    s_ctx = NULL;
+    return MG_OK;
+}
+
+int mg_relay_running(void)
+{
+    return atomic_load_explicit(&s_running, memory_order_acquire);
+}
+
+uint64_t mg_relay_sent(void)
+{
+    return atomic_load_explicit(&s_sent, memory_order_relaxed);
+}
+
+uint64_t mg_relay_dropped(void)
+{
+    return atomic_load_explicit(&s_dropped, memory_order_relaxed);
+}
+
+/* In the child of fork() only the forking thread exists. The monitor thread is gone and
+ * its zmq context belongs to the parent's I/O threads, so the child stops counting and
+ * forgets the state without closing anything (memray Tracker::childFork). */
+static void relay_atfork_child(void)
+{
+    mg_acct_set_enabled(0);
+    atomic_store_explicit(&s_running, 0, memory_order_release);
+    s_sock = NULL;
+    s_ctx = NULL;
+}
+
+int mg_relay_atfork_register(void)
+{
+    static int registered = 0; /* GIL held (module init) */
+
+    if (registered)
+        return 0;
+    registered = 1;
+    return pthread_atfork(NULL, NULL, relay_atfork_child);
+}

@@ -1,0 +1,35 @@
+/* memguard public C API: version, return-code conventions and the MG_HOOKSAFE marker.
+ * Included by every unit; safe to include from any thread. */
+#ifndef MEMGUARD_MEMGUARD_H
+#define MEMGUARD_MEMGUARD_H
+
+#include <stdint.h>
+
+#define MG_VERSION "0.1.0"
+
+/* Marks, in headers, the functions an allocator hook may call: no Py* API, no lock, no
+ * malloc, no stdio, no zmq. Reviewers reject any other call made from hooks_*.c
+ * (../shared/STYLE.md section 3). It expands to nothing. */
+#define MG_HOOKSAFE
+
+/* Return codes of the engine functions (mg_ring_*, mg_acct_*, mg_relay_*): 0 on success,
+ * -1 on failure with errno set; each header documents the errno values it uses. Engine
+ * functions never touch Python; csrc/module.c converts -1 with PyErr_SetFromErrno. */
+#define MG_OK 0
+#define MG_ERR (-1)
+
+/* Allocator domains memguard counts. */
+typedef enum mg_domain {
+    MG_DOMAIN_RAW = 0,   /* PyMem RAW domain (malloc-backed; pymalloc's > 512 B blocks) */
+    MG_DOMAIN_ARENA = 1, /* pymalloc arenas (1 MiB in CPython 3.11; 256 KiB before 3.10) */
+    MG_DOMAIN_NUMPY = 2, /* NumPy array data, through the NEP 49 handler "memguard" */
+    MG_DOMAIN_COUNT = 3
+} mg_domain_t;
+
+/* Kinds of events and wire records; the numbers are part of the wire format (mg_relay.h). */
+typedef enum mg_kind {
+    MG_KIND_BUDGET = 1,      /* the cell's usage crossed its budget */
+    MG_KIND_BUDGET_GROW = 2, /* an alerted cell's peak grew by >= MG_GROW_STEP since last record */
+} mg_kind_t;
+
+#endif /* MEMGUARD_MEMGUARD_H */

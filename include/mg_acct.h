@@ -1,0 +1,60 @@
+/* Byte accounting shared by every hook: live tracked bytes per allocator domain, the
+ * current cell's start, peak and budget (csrc/acct.c). Entered from any thread. */
+#ifndef MEMGUARD_MG_ACCT_H
+#define MEMGUARD_MG_ACCT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "memguard.h"
+
+/* A consistent-enough copy of the counters, for status and the monitor thread. Fields are
+ * read one by one with relaxed loads, so two fields may come from instants a few
+ * instructions apart; every figure is in bytes except epoch. */
+typedef struct mg_acct_snapshot {
+    int64_t tracked;                     /* live tracked bytes since install (may be < 0) */
+    int64_t domain[MG_DOMAIN_COUNT];     /* the same, per allocator domain */
+    int64_t cell_start;                  /* tracked when the current cell began */
+    int64_t cell_peak;                   /* highest tracked seen during the current cell */
+    int64_t budget;                      /* the cell's budget; 0 means none */
+    int64_t epoch;                       /* the current cell's epoch (0 before the first) */
+    int crossed;                         /* 1 once the current cell crossed its budget */
+} mg_acct_snapshot_t;
+
+/* Enable (1) or disable (0) counting. While disabled the hooks pass every call through.
+ * Any thread. */
+void mg_acct_set_enabled(int enabled);
+
+/* Non-zero while counting is enabled. Hook-safe (relaxed load). */
+MG_HOOKSAFE int mg_acct_enabled(void);
+
+/* Count an allocation of n bytes in domain d. Returns 1 when this allocation is the one
+ * that makes the current cell's usage (tracked - cell_start) exceed its budget for the
+ * first time in the cell, 0 otherwise. Hook-safe, any thread. */
+MG_HOOKSAFE int mg_acct_alloc(mg_domain_t d, size_t n);
+
+/* Count a free of n bytes in domain d. Hook-safe, any thread. */
+MG_HOOKSAFE void mg_acct_free(mg_domain_t d, size_t n);
+
+/* The current cell's usage in bytes: tracked - cell_start. Hook-safe. */
+MG_HOOKSAFE int64_t mg_acct_cell_usage(void);
+
+/* The current cell's epoch. Hook-safe. */
+MG_HOOKSAFE int64_t mg_acct_epoch(void);
+
+/* Start a cell: epoch (> 0, increasing), budget in bytes (0 = none). Resets start and peak
+ * to the current tracked bytes and clears the crossing. Called with the GIL held, from
+ * pre_run_cell; hooks of other threads may run concurrently. */
+void mg_acct_cell_begin(int64_t epoch, int64_t budget);
+
+/* Change the running cell's budget (bytes, 0 = none) and clear its crossing, so a budget
+ * set by %%memguard takes effect for the rest of the cell. GIL held. */
+void mg_acct_set_budget(int64_t budget);
+
+/* Fill *out. Any thread. */
+void mg_acct_snapshot(mg_acct_snapshot_t *out);
+
+/* Zero every counter (tests and first install). Not to be called while hooks count. */
+void mg_acct_reset(void);
+
+#endif /* MEMGUARD_MG_ACCT_H */

@@ -1,0 +1,44 @@
+/* The allocator hooks: PyMem RAW domain and pymalloc arenas (csrc/hooks_pymem.c), NumPy's
+ * NEP 49 handler (csrc/hooks_numpy.c), and the counting step they share (csrc/hooks.c).
+ * Hooks run in any thread, with or without the GIL. */
+#ifndef MEMGUARD_MG_HOOKS_H
+#define MEMGUARD_MG_HOOKS_H
+
+#include <Python.h>
+#include <stddef.h>
+
+#include "memguard.h"
+
+/* Count an allocation of n bytes in domain d; when it makes the running cell cross its
+ * budget, attribute it to a cell line (mg_frames_cell_line) and push an MG_KIND_BUDGET
+ * event to the ring. Hook-safe. */
+MG_HOOKSAFE void mg_hooks_count_alloc(mg_domain_t d, size_t n);
+
+/* Count a free of n bytes in domain d. Hook-safe. */
+MG_HOOKSAFE void mg_hooks_count_free(mg_domain_t d, size_t n);
+
+/* Wrap the PyMem RAW allocator and the pymalloc arena allocator, saving the previous ones
+ * as the wrappers' ctx. Idempotent: wrappers still installed (even under another layer
+ * that stacked on top) are not wrapped again. Returns 0. GIL held. */
+int mg_hooks_pymem_install(void);
+
+/* Put back the allocators saved by install, for each one only if ours is still the one
+ * installed; otherwise someone stacked on top of us, so ours stays in place (passing calls
+ * through once counting is disabled). Returns the number of allocators restored (0-2).
+ * GIL held. */
+int mg_hooks_pymem_uninstall(void);
+
+/* Make NumPy's default NEP 49 handler capsule point to the "memguard" handler, which wraps
+ * a copy of the handler it replaced. Patching the default capsule, rather than setting a
+ * ContextVar with PyDataMem_SetHandler, reaches threads and contexts that never inherit
+ * the ContextVar (../shared/notes/platform-facts.md). Never undone: arrays keep a reference
+ * to the capsule and free through it. Returns 0 when the current context's handler is
+ * memguard's, 1 when this context uses another, non-default handler (then its arrays are
+ * not counted), -1 with a Python exception set (NumPy missing or older than 1.22). GIL
+ * held. */
+int mg_hooks_numpy_install(void);
+
+/* Non-zero once mg_hooks_numpy_install patched the default handler. Any thread. */
+int mg_hooks_numpy_installed(void);
+
+#endif /* MEMGUARD_MG_HOOKS_H */

@@ -1,0 +1,57 @@
+/* The monitor thread and its libzmq PUSH socket (csrc/relay.c): drains the event ring,
+ * follows the alerted cell's peak, and sends fixed-size alert records to the Python relay
+ * that publishes them on IOPub. Started and stopped with the GIL held; the thread itself
+ * never takes the GIL and never calls Python. */
+#ifndef MEMGUARD_MG_RELAY_H
+#define MEMGUARD_MG_RELAY_H
+
+#include <stdint.h>
+
+#include "memguard.h"
+
+#define MG_WIRE_VERSION 1u
+
+/* A record sent is re-sent as MG_KIND_BUDGET_GROW when the cell's peak usage has grown by
+ * this fraction since the last record for it, so the alert can be updated in place. */
+#define MG_GROW_STEP 0.10
+
+/* One message on the wire: 64 bytes, little-endian (x86-64 and aarch64 Linux), no
+ * padding. Python decodes it with MG_WIRE_FORMAT (exported as memguard._core.WIRE_FORMAT). */
+typedef struct mg_wire {
+    uint32_t version; /* MG_WIRE_VERSION */
+    uint32_t kind;    /* mg_kind_t */
+    int64_t epoch;    /* the cell's epoch (memguard's own counter of cells) */
+    int32_t line;     /* 1-based line in the cell's source, or -1 if unknown */
+    uint32_t flags;   /* reserved, 0 */
+    int64_t bytes;    /* size of the allocation that crossed, bytes */
+    int64_t usage;    /* the cell's usage (tracked - start) when the record was made, bytes */
+    int64_t peak;     /* the cell's peak usage so far, bytes */
+    int64_t budget;   /* the cell's budget, bytes (0 = none) */
+    double t;         /* CLOCK_MONOTONIC seconds when the hook saw the event */
+} mg_wire_t;
+#define MG_WIRE_FORMAT "<IIqiIqqqqd"
+
+/* Connect a PUSH socket (its own libzmq context) to endpoint (e.g. "ipc:///tmp/x/relay")
+ * and start the monitor thread, which polls every period_ms milliseconds (1-1000).
+ * Returns 0; -1 with errno = EALREADY if running, EINVAL for a bad period, or the errno
+ * libzmq or pthread_create set. GIL held (or no Python at all, in the C tests). */
+int mg_relay_start(const char *endpoint, int period_ms);
+
+/* Stop and join the monitor thread, then close the socket and terminate its context
+ * (linger 0, so this never blocks on an absent peer). Returns 0 (also when not running).
+ * Not from a hook. */
+int mg_relay_stop(void);
+
+/* Non-zero while the monitor thread runs. Any thread. */
+int mg_relay_running(void);
+
+/* Records sent, and records dropped because the peer was absent or slow (EAGAIN). */
+uint64_t mg_relay_sent(void);
+uint64_t mg_relay_dropped(void);
+
+/* Register the pthread_atfork child handler: a forked child disables counting and forgets
+ * (leaks) the parent's monitor state, since its thread does not exist in the child and its
+ * zmq context must not be touched there. Idempotent. Returns 0 or an errno value. */
+int mg_relay_atfork_register(void);
+
+#endif /* MEMGUARD_MG_RELAY_H */

@@ -1,0 +1,132 @@
+"""From the C monitor thread to the notebook: the drain of alert records and their
+publication on IOPub.
+
+The C monitor thread (csrc/relay.c) PUSHes fixed-size records over libzmq to an ``ipc://``
+endpoint. ``Relay`` owns the PULL end, on a Python thread of its own, decodes each record
+and hands it to a callback. ``Publisher`` sends alerts as IOPub ``display_data`` (first time)
+or ``update_display_data`` (same cause again in the same cell), parented to the
+``execute_request`` of the cell the alert belongs to, so it appears under that cell even
+while the cell is still running.
+
+Why ipc and not inproc: pyzmq wheels bundle their own libzmq, so the C extension (linked to
+the system libzmq) and pyzmq live in different libzmq copies and contexts, between which
+``inproc://`` silently drops messages (../shared/notes/platform-facts.md).
+Why a thread of our own rather than a stream on the kernel's IOPub thread: it behaves the
+same under ipykernel 6 and 7 and in a terminal IPython (no IOPub at all), and its sends go
+through ``kernel.iopub_socket``, which ipykernel documents as safe from any thread; latency
+is the same, since any Python relay waits for the GIL.
+"""
+
+import shutil
+import struct
+import sys
+import tempfile
+import threading
+import uuid
+
+import zmq
+
+from . import render
+
+
+class Relay:
+    """A PULL socket bound to a private ``ipc://`` endpoint, drained by a daemon thread.
+
+    ``on_record(fields: tuple)`` is called on the relay thread with the fields of each
+    record decoded by ``struct.unpack(wire_format, message)``; malformed messages are
+    counted in ``bad`` and dropped.
+    """
+
+    def __init__(self, wire_format, on_record):
+        self._struct = struct.Struct(wire_format)
+        self._on_record = on_record
+        self._dir = tempfile.mkdtemp(prefix="memguard-")
+        self.endpoint = f"ipc://{self._dir}/relay"
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.PULL)
+        self._sock.linger = 0
+        self._sock.bind(self.endpoint)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="memguard-relay", daemon=True)
+        self.received = 0
+        self.bad = 0
+
+    def start(self):
+        self._thread.start()
+
+    def _run(self):
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        while not self._stop.is_set():
+            if not poller.poll(100):  # ms: bounds how long stop() waits
+                continue
+            while True:
+                try:
+                    msg = self._sock.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if len(msg) != self._struct.size:
+                    self.bad += 1
+                    continue
+                self.received += 1
+                try:
+                    self._on_record(self._struct.unpack(msg))
+                except Exception:  # an alert must never kill the relay
+                    sys.excepthook(*sys.exc_info())
+
+    def stop(self):
+        """Stop the thread (within ~0.1 s), close the socket and remove the endpoint."""
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=2.0)
+        self._sock.close(linger=0)
+        self._ctx.term()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class Publisher:
+    """Sends alert bundles under the right cell, once per cause, updated in place after.
+
+    ``kernel`` is the ipykernel Kernel, or None outside a kernel (terminal IPython), where
+    alerts are written as text to the process's stderr instead. Thread-safe.
+    """
+
+    def __init__(self, kernel):
+        self._kernel = kernel
+        self._lock = threading.Lock()
+        self._display_ids = {}  # (epoch, cause) -> display_id
+        self.sent = []  # (msg_type, alert), for status and history; bounded below
+
+    def publish(self, alert, epoch, cause, parent):
+        """Publish ``alert`` (a dict of the alert schema) for the cell ``epoch``.
+
+        ``cause`` (hashable) identifies what the alert is about within the cell; a second
+        publish with the same (epoch, cause) becomes ``update_display_data`` with the same
+        transient ``display_id``. ``parent`` is the cell's execute_request message (or None).
+        Returns the msg_type used.
+        """
+        with self._lock:
+            key = (epoch, cause)
+            display_id = self._display_ids.get(key)
+            msg_type = "update_display_data" if display_id else "display_data"
+            if display_id is None:
+                display_id = self._display_ids[key] = f"memguard-{uuid.uuid4().hex}"
+                if len(self._display_ids) > 10_000:
+                    self._display_ids.pop(next(iter(self._display_ids)))
+            self.sent.append((msg_type, alert))
+            del self.sent[:-1000]
+        content = {
+            "data": render.alert_bundle(alert),
+            "metadata": {},
+            "transient": {"display_id": display_id},
+        }
+        kernel = self._kernel
+        if kernel is None or parent is None:
+            print(render.text(alert), file=sys.__stderr__, flush=True)
+            return msg_type
+        kernel.session.send(
+            kernel.iopub_socket, msg_type, content, parent=parent,
+            ident=kernel._topic(msg_type),
+        )
+        return msg_type
+

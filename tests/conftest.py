@@ -1,0 +1,121 @@
+"""Fixtures that start a real ipykernel with jupyter_client and talk to it over ZeroMQ.
+
+``kernel`` is a fresh kernel per test (so load/unload and ContextVar state never leak
+between tests) with memguard loaded; ``bare_kernel`` is one without it. Every wait has an
+explicit timeout (ipykernel's tests/utils.py does the same).
+"""
+
+import os
+import time
+
+import pytest
+from jupyter_client.manager import start_new_kernel
+
+ALERT_MIME = "application/vnd.memguard.alert+json"
+TIMEOUT = 120  # seconds for one cell
+
+
+class Execution:
+    """What one execute_request produced: IOPub messages (with arrival times) and the reply."""
+
+    def __init__(self, msg_id, messages, reply, reply_time, sent_time):
+        self.msg_id = msg_id
+        self.messages = messages  # list of (arrival monotonic seconds, msg)
+        self.reply = reply
+        self.reply_time = reply_time
+        self.sent_time = sent_time
+
+    @property
+    def alerts(self):
+        """(arrival time, msg_type, alert dict, msg) for every memguard alert message."""
+        out = []
+        for t, msg in self.messages:
+            data = msg["content"].get("data") or {}
+            if msg["msg_type"] in ("display_data", "update_display_data") and ALERT_MIME in data:
+                out.append((t, msg["msg_type"], data[ALERT_MIME], msg))
+        return out
+
+    def alerts_of(self, kind):
+        return [a for a in self.alerts if a[2]["kind"] == kind]
+
+    @property
+    def stdout(self):
+        return "".join(m["content"]["text"] for _, m in self.messages
+                       if m["msg_type"] == "stream" and m["content"]["name"] == "stdout")
+
+    @property
+    def stderr(self):
+        return "".join(m["content"]["text"] for _, m in self.messages
+                       if m["msg_type"] == "stream" and m["content"]["name"] == "stderr")
+
+    @property
+    def error(self):
+        """ename/evalue/traceback of a failed cell, from its execute_reply (IPython shows a
+        UsageError on stderr, not as an IOPub error message), else None."""
+        content = self.reply["content"]
+        return content if content.get("status") == "error" else None
+
+    @property
+    def execution_count(self):
+        return self.reply["content"].get("execution_count")
+
+
+class Kernel:
+    def __init__(self, env=None):
+        kw = {"env": {**os.environ, **env}} if env else {}
+        self.km, self.kc = start_new_kernel(kernel_name="python3", startup_timeout=60, **kw)
+
+    def execute(self, code, timeout=TIMEOUT, ok=True):
+        """Run ``code`` and collect its IOPub messages until idle and its execute_reply.
+        With ok=True an error in the cell fails the test, with its traceback."""
+        sent = time.monotonic()
+        msg_id = self.kc.execute(code)
+        messages, reply, reply_time, idle = [], None, None, False
+        deadline = sent + timeout
+        while not (idle and reply is not None):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"cell did not finish in {timeout} s: {code[:80]!r}")
+            if not idle:
+                try:
+                    msg = self.kc.get_iopub_msg(timeout=0.05)
+                except Exception:
+                    msg = None
+                if msg is not None and msg["parent_header"].get("msg_id") == msg_id:
+                    if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                        idle = True
+                    else:
+                        messages.append((time.monotonic(), msg))
+            if reply is None:
+                try:
+                    r = self.kc.get_shell_msg(timeout=0.01)
+                except Exception:
+                    r = None
+                if r is not None and r["parent_header"].get("msg_id") == msg_id:
+                    reply, reply_time = r, time.monotonic()
+        ex = Execution(msg_id, messages, reply, reply_time, sent)
+        if ok and ex.error:
+            pytest.fail(f"cell failed: {ex.error['ename']}: {ex.error['evalue']}\n"
+                        + "\n".join(ex.error.get("traceback", [])))
+        return ex
+
+    def shutdown(self):
+        self.kc.stop_channels()
+        self.km.shutdown_kernel(now=False)
+
+
+@pytest.fixture
+def bare_kernel():
+    k = Kernel()
+    yield k
+    k.shutdown()
+
+
+@pytest.fixture
+def kernel(bare_kernel):
+    ex = bare_kernel.execute("%load_ext memguard")
+    assert "memguard" in ex.stdout and "loaded" in ex.stdout, ex.stdout
+    return bare_kernel
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "stack: needs the pinned PyPI stack (anndata, nbclient 0.11)")

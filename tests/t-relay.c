@@ -1,0 +1,144 @@
+/* Tests of csrc/relay.c over real ZeroMQ sockets: a PULL socket bound to an ipc://
+ * endpoint receives what the monitor thread sends; errors; fork leaves the child quiet. */
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <zmq.h>
+
+#include "mg_acct.h"
+#include "mg_relay.h"
+#include "mg_ring.h"
+#include "tap.h"
+
+static void *s_ctx;
+static void *s_pull;
+static char s_endpoint[128];
+
+static int recv_wire(mg_wire_t *w, int timeout_ms)
+{
+    zmq_setsockopt(s_pull, ZMQ_RCVTIMEO, &timeout_ms, sizeof(timeout_ms));
+    return zmq_recv(s_pull, w, sizeof(*w), 0);
+}
+
+static void t_budget_event_arrives_as_a_record(void)
+{
+    mg_event_t ev;
+    mg_wire_t w;
+
+    mg_acct_reset();
+    mg_ring_reset();
+    mg_acct_cell_begin(42, 1000);
+    mg_acct_alloc(MG_DOMAIN_NUMPY, 1500);
+    memset(&ev, 0, sizeof(ev));
+    ev.kind = MG_KIND_BUDGET;
+    ev.epoch = 42;
+    ev.line = 3;
+    ev.bytes = 1500;
+    ev.usage = 1500;
+    ev.t = mg_ring_now();
+    check_int(mg_ring_push(&ev), ==, 0);
+    check_int(mg_relay_start(s_endpoint, 1), ==, 0);
+    check_int(recv_wire(&w, 2000), ==, (int)sizeof(w));
+    check_uint(w.version, ==, MG_WIRE_VERSION);
+    check_uint(w.kind, ==, MG_KIND_BUDGET);
+    check_int(w.epoch, ==, 42);
+    check_int(w.line, ==, 3);
+    check_int(w.bytes, ==, 1500);
+    check_int(w.budget, ==, 1000);
+    check_int(w.peak, ==, 1500);
+}
+
+static void t_peak_growth_sends_an_update(void)
+{
+    mg_wire_t w;
+
+    /* The relay is still running from the previous test, with epoch 42 alerted. */
+    mg_acct_alloc(MG_DOMAIN_NUMPY, 1000); /* usage 2500: +67% > MG_GROW_STEP */
+    check_int(recv_wire(&w, 2000), ==, (int)sizeof(w));
+    check_uint(w.kind, ==, MG_KIND_BUDGET_GROW);
+    check_int(w.epoch, ==, 42);
+    check_int(w.line, ==, 3);
+    check_int(w.usage, ==, 2500);
+    check_uint(mg_relay_sent(), ==, 2);
+}
+
+static void t_second_start_says_ealready(void)
+{
+    errno = 0;
+    check_int(mg_relay_start(s_endpoint, 1), ==, -1);
+    check_int(errno, ==, EALREADY);
+    check_int(mg_relay_running(), ==, 1);
+}
+
+static void t_stop_joins_and_is_idempotent(void)
+{
+    check_int(mg_relay_stop(), ==, 0);
+    check_int(mg_relay_running(), ==, 0);
+    check_int(mg_relay_stop(), ==, 0);
+}
+
+static void t_bad_period_and_endpoint_fail_cleanly(void)
+{
+    errno = 0;
+    check_int(mg_relay_start(s_endpoint, 0), ==, -1);
+    check_int(errno, ==, EINVAL);
+    check_int(mg_relay_start("nonsense://x", 5), ==, -1);
+    check_int(mg_relay_running(), ==, 0);
+}
+
+static void t_forked_child_is_quiet(void)
+{
+    pid_t pid;
+    int status = 0;
+    mg_wire_t w;
+
+    mg_acct_reset();
+    mg_ring_reset();
+    mg_acct_set_enabled(1);
+    check_int(mg_relay_start(s_endpoint, 1), ==, 0);
+    pid = fork();
+    if (pid == 0) {
+        mg_event_t ev;
+
+        memset(&ev, 0, sizeof(ev));
+        ev.kind = MG_KIND_BUDGET;
+        ev.epoch = 99;
+        mg_ring_push(&ev);
+        /* exit code: 0 if the child sees counting off and no monitor thread */
+        _exit(mg_acct_enabled() == 0 && mg_relay_running() == 0 && mg_relay_stop() == 0 ? 0 : 1);
+    }
+    waitpid(pid, &status, 0);
+    check_int(WIFEXITED(status), ==, 1);
+    check_int(WEXITSTATUS(status), ==, 0);
+    check_int(mg_acct_enabled(), ==, 1);
+    /* The child's push went to its own copy of the ring; nothing reaches the parent's peer. */
+    check_int(recv_wire(&w, 200), ==, -1);
+    check_int(mg_relay_stop(), ==, 0);
+}
+
+int main(void)
+{
+    int linger = 0;
+
+    snprintf(s_endpoint, sizeof(s_endpoint), "ipc:///tmp/mg-t-relay-%d", (int)getpid());
+    s_ctx = zmq_ctx_new();
+    s_pull = zmq_socket(s_ctx, ZMQ_PULL);
+    zmq_setsockopt(s_pull, ZMQ_LINGER, &linger, sizeof(linger));
+    if (zmq_bind(s_pull, s_endpoint) != 0)
+        test_skip_all("cannot bind an ipc:// endpoint in /tmp");
+    if (mg_relay_atfork_register() != 0)
+        test_skip_all("pthread_atfork failed");
+    plan(6);
+    TEST(t_budget_event_arrives_as_a_record(), "a budget event in the ring reaches the PULL peer as a 64-byte record");
+    TEST(t_peak_growth_sends_an_update(), "peak growth of more than 10% after an alert sends an update record");
+    TEST(t_second_start_says_ealready(), "starting a running relay fails with EALREADY");
+    TEST(t_stop_joins_and_is_idempotent(), "relay_stop joins the thread and can be called twice");
+    TEST(t_bad_period_and_endpoint_fail_cleanly(), "a bad period or endpoint fails without starting a thread");
+    TEST(t_forked_child_is_quiet(), "a forked child stops counting, has no monitor and sends nothing");
+    zmq_close(s_pull);
+    zmq_ctx_term(s_ctx);
+    unlink(s_endpoint + strlen("ipc://"));
+    return test_done();
+}

@@ -1,0 +1,213 @@
+"""memguard in a real ipykernel: loading, budgets, sparse_to_dense, alert routing."""
+
+import threading
+import time
+
+import pytest
+
+from conftest import Kernel
+
+
+def test_loading_prints_one_line_with_limit_budget_and_mode(bare_kernel):
+    ex = bare_kernel.execute("%load_ext memguard")
+    lines = ex.stdout.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("memguard 0.1.0 loaded; limit ")
+    assert "budget off" in lines[0] and "mode warn" in lines[0]
+    assert any(src in lines[0] for src in ("(cgroup)", "(rlimit)", "(physical)"))
+
+
+def test_loading_twice_registers_hooks_once(kernel):
+    ex = kernel.execute("%load_ext memguard")
+    assert "already loaded" in ex.stdout
+    ex = kernel.execute(
+        "import memguard.guard as g\n"
+        "cbs = get_ipython().events.callbacks\n"
+        "print(cbs['pre_run_cell'].count(g.pre_run_cell), cbs['post_run_cell'].count(g.post_run_cell))")
+    assert ex.stdout.split() == ["1", "1"]
+
+
+def test_budget_alert_arrives_under_the_cell_before_it_finishes(kernel):
+    kernel.execute("%memguard budget 200MB")
+    ex = kernel.execute(
+        "import numpy as np, time\n"
+        "a = np.ones(50_000_000)  # 400 MB\n"
+        "time.sleep(3)\n")
+    alerts = ex.alerts_of("budget")
+    assert alerts, ex.messages
+    t, msg_type, alert, msg = alerts[0]
+    assert msg_type == "display_data"
+    assert alert["cell"] == ex.execution_count
+    assert alert["line"] == 2
+    assert alert["budget"] == 200_000_000
+    assert alert["peak"] >= 400_000_000
+    assert alert["limit"] > 0 and alert["limit_source"] in ("cgroup", "rlimit", "physical")
+    assert msg["parent_header"]["msg_id"] == ex.msg_id
+    assert msg["parent_header"]["msg_type"] == "execute_request"
+    assert ex.reply_time - t >= 2.0, "the alert must arrive while the cell still runs"
+    assert set(msg["content"]["data"]) == {
+        "text/plain", "text/html", "application/vnd.memguard.alert+json"}
+    assert msg["content"]["transient"]["display_id"].startswith("memguard-")
+
+
+def test_growing_peak_updates_the_alert_in_place(kernel):
+    ex = kernel.execute(
+        "%%memguard 100MB\n"
+        "import numpy as np\n"
+        "a = np.ones(20_000_000)  # 160 MB\n"
+        "b = np.ones(40_000_000)  # +320 MB\n")
+    alerts = ex.alerts_of("budget")
+    assert [a[1] for a in alerts][:1] == ["display_data"]
+    assert len(alerts) >= 2 and all(a[1] == "update_display_data" for a in alerts[1:])
+    ids = {a[3]["content"]["transient"]["display_id"] for a in alerts}
+    assert len(ids) == 1
+    assert alerts[0][2]["line"] == 3
+    assert alerts[-1][2]["peak"] >= 480_000_000
+
+
+def test_cell_magic_budget_applies_to_that_cell_only(kernel):
+    ex = kernel.execute("%%memguard 100MB\nimport numpy as np\nz = np.zeros(25_000_000)\nz.sum()")
+    (alert,) = [a[2] for a in ex.alerts_of("budget")][:1]
+    assert alert["budget"] == 100_000_000 and alert["line"] == 3
+    assert alert["cell"] == ex.execution_count
+    result = [m for _, m in ex.messages if m["msg_type"] == "execute_result"]
+    assert result and "0.0" in result[0]["content"]["data"]["text/plain"]
+    ex = kernel.execute("import numpy as np\nz2 = np.zeros(25_000_000)")
+    assert ex.alerts == []
+
+
+def test_sparse_to_dense_alert_names_the_densifying_line(kernel):
+    ex = kernel.execute(
+        "import numpy as np, scipy.sparse as sp\n"
+        "X = sp.random(12000, 12000, density=0.001, format='csr', dtype=np.float64,\n"
+        "              random_state=np.random.default_rng(0))\n"
+        "info = (X.nnz, X.data.nbytes + X.indices.nbytes + X.indptr.nbytes)\n"
+        "D = X.toarray()\n"
+        "del D\n"
+        "print(*info)")
+    nnz, sparse_bytes = map(int, ex.stdout.split())
+    alerts = ex.alerts_of("sparse_to_dense")
+    assert len(alerts) == 1, ex.alerts
+    t, _, alert, msg = alerts[0]
+    assert alert["line"] == 5 and alert["cell"] == ex.execution_count
+    assert alert["format"] == "csr" and alert["shape"] == [12000, 12000]
+    assert alert["dtype"] == "float64" and alert["nnz"] == nnz
+    assert alert["sparse_bytes"] == sparse_bytes
+    assert alert["dense_bytes"] == 12000 * 12000 * 8 == alert["bytes"]
+    assert msg["parent_header"]["msg_id"] == ex.msg_id
+    assert t < ex.reply_time
+
+
+def test_todense_on_csc_is_caught_and_repeats_update_one_alert(kernel):
+    ex = kernel.execute(
+        "import numpy as np, scipy.sparse as sp\n"
+        "X = sp.random(12000, 8000, density=0.001, format='csc', dtype=np.float32,\n"
+        "              random_state=np.random.default_rng(1))\n"
+        "for _ in range(3):\n"
+        "    M = X.todense()\n")
+    alerts = ex.alerts_of("sparse_to_dense")
+    assert [a[1] for a in alerts] == ["display_data", "update_display_data", "update_display_data"]
+    assert alerts[-1][2]["count"] == 3
+    assert alerts[-1][2]["format"] == "csc" and alerts[-1][2]["line"] == 5
+    assert alerts[-1][2]["dense_bytes"] == 12000 * 8000 * 4
+
+
+def test_sparse_preserving_code_gets_no_alert(kernel):
+    kernel.execute("%memguard budget 200MB")
+    ex = kernel.execute(
+        "import numpy as np, scipy.sparse as sp\n"
+        "X = sp.random(12000, 12000, density=0.001, format='csr',\n"
+        "              random_state=np.random.default_rng(0))\n"
+        "m = X.mean(axis=0)\n"
+        "s = X.sum(axis=1)\n"
+        "p = X.multiply(X)\n"
+        "q = X @ X.T\n")
+    assert ex.alerts == []
+
+
+def test_array_created_in_a_later_cell_uses_memguard_handler(kernel):
+    kernel.execute("import numpy as np")
+    ex = kernel.execute(
+        "import threading\n"
+        "from numpy._core.multiarray import get_handler_name\n"
+        "names = [get_handler_name(), get_handler_name(np.ones(10))]\n"
+        "t = threading.Thread(target=lambda: names.append(get_handler_name(np.ones(10))))\n"
+        "t.start(); t.join()\n"
+        "print(*names)")
+    assert ex.stdout.split() == ["memguard"] * 3
+
+
+def test_numpy_allocations_from_a_thread_count_toward_the_cell(kernel):
+    ex = kernel.execute(
+        "%%memguard 200MB\n"
+        "import numpy as np, threading\n"
+        "keep = []\n"
+        "t = threading.Thread(target=lambda: keep.append(np.ones(40_000_000)))\n"
+        "t.start(); t.join()\n")
+    alerts = ex.alerts_of("budget")
+    assert alerts and alerts[0][2]["peak"] >= 320_000_000
+
+
+@pytest.mark.parametrize("bad", ["budget -5MB", "budget abc", "budget", "budget 0.1", "budget 1e30",
+                                 "budget 5XB", "bogus", "budget 'unclosed", "budget ½GB"])
+def test_bad_sizes_raise_usage_error_and_change_nothing(kernel, bad):
+    kernel.execute("%memguard budget 300MB")
+    ex = kernel.execute(f"%memguard {bad}", ok=False)
+    assert ex.error and ex.error["ename"] == "UsageError", ex.error
+    assert "e.g." in ex.error["evalue"] or "Usage" in ex.error["evalue"]
+    ex = kernel.execute("from memguard._state import STATE; print(STATE.default_budget)")
+    assert ex.stdout.strip() == "300000000"
+
+
+def test_status_shows_limit_budget_mode_tracked_and_rss(kernel):
+    kernel.execute("%memguard budget 1GiB")
+    ex = kernel.execute("%memguard status")
+    (msg,) = [m for _, m in ex.messages if m["msg_type"] == "display_data"]
+    text = msg["content"]["data"]["text/plain"]
+    for label in ("limit", "budget", "mode", "tracked", "RSS", "last cell peak"):
+        assert label in text
+    assert "1.07 GB" in text and "warn" in text
+
+
+def test_unload_then_free_then_reload_keeps_the_kernel_sane(kernel):
+    kernel.execute("import numpy as np\nkeep = [np.ones(1_000_000) for _ in range(5)]\n"
+                   "objs = [dict(a=i) for i in range(100_000)]")
+    kernel.execute("%unload_ext memguard")
+    ex = kernel.execute("del keep, objs\nimport gc; gc.collect()\n"
+                        "after = [np.ones(1_000_000) for _ in range(5)]\n"
+                        "%memguard", ok=False)
+    assert ex.error and ex.error["ename"] == "UsageError"  # the magic is gone
+    ex = kernel.execute("%load_ext memguard")
+    assert "loaded" in ex.stdout
+    ex = kernel.execute("%%memguard 10MB\nbig = np.ones(5_000_000)\ndel after")
+    assert ex.alerts_of("budget")
+    ex = kernel.execute("print(1 + 1)")
+    assert ex.stdout.strip() == "2"
+
+
+def test_alert_parent_is_the_execute_request_even_with_other_shell_requests(kernel):
+    done = threading.Event()
+
+    def poke():
+        time.sleep(0.5)
+        kernel.kc.complete("np.on", 5)
+        done.set()
+
+    threading.Thread(target=poke).start()
+    ex = kernel.execute("%%memguard 100MB\nimport numpy as np, time\ntime.sleep(1.5)\n"
+                        "a = np.ones(30_000_000)\ntime.sleep(0.5)")
+    done.wait(5)
+    alerts = ex.alerts_of("budget")
+    assert alerts and alerts[0][3]["parent_header"]["msg_id"] == ex.msg_id
+    assert alerts[0][2]["line"] == 4
+
+
+def test_debug_allocator_gives_a_clear_message_at_load():
+    k = Kernel(env={"PYTHONMALLOC": "debug"})
+    try:
+        ex = k.execute("%load_ext memguard")
+        assert "not loaded" in ex.stdout and "debug allocator" in ex.stdout
+        ex = k.execute("import numpy as np\nprint(np.ones(3).sum())")
+        assert ex.stdout.strip() == "3.0"
+    finally:
+        k.shutdown()
