@@ -61,6 +61,9 @@ static void t_peak_growth_sends_an_update(void)
     check_int(w.epoch, ==, 42);
     check_int(w.line, ==, 3);
     check_int(w.usage, ==, 2500);
+    /* The monitor counts a send after zmq_send returns, which may be after we received. */
+    for (int i = 0; i < 1000 && mg_relay_sent() < 2; i++)
+        usleep(1000);
     check_uint(mg_relay_sent(), ==, 2);
 }
 
@@ -92,26 +95,37 @@ static void t_forked_child_is_quiet(void)
 {
     pid_t pid;
     int status = 0;
+    int fds[2];
+    char verdict = 'x';
     mg_wire_t w;
 
     mg_acct_reset();
     mg_ring_reset();
     mg_acct_set_enabled(1);
+    check_int(pipe(fds), ==, 0);
     check_int(mg_relay_start(s_endpoint, 1), ==, 0);
     pid = fork();
     if (pid == 0) {
         mg_event_t ev;
+        char ok;
 
         memset(&ev, 0, sizeof(ev));
         ev.kind = MG_KIND_BUDGET;
         ev.epoch = 99;
         mg_ring_push(&ev);
-        /* exit code: 0 if the child sees counting off and no monitor thread */
-        _exit(mg_acct_enabled() == 0 && mg_relay_running() == 0 && mg_relay_stop() == 0 ? 0 : 1);
+        /* The verdict goes through a pipe, not the exit status: under valgrind the child's
+         * exit status reports the zmq context it leaks on purpose. */
+        ok = mg_acct_enabled() == 0 && mg_relay_running() == 0 && mg_relay_stop() == 0 ? 'y' : 'n';
+        if (write(fds[1], &ok, 1) != 1)
+            _exit(2);
+        _exit(0);
     }
+    close(fds[1]);
+    check_int(read(fds[0], &verdict, 1), ==, 1);
+    close(fds[0]);
     waitpid(pid, &status, 0);
     check_int(WIFEXITED(status), ==, 1);
-    check_int(WEXITSTATUS(status), ==, 0);
+    check_int(verdict, ==, 'y');
     check_int(mg_acct_enabled(), ==, 1);
     /* The child's push went to its own copy of the ring; nothing reaches the parent's peer. */
     check_int(recv_wire(&w, 200), ==, -1);

@@ -3,7 +3,6 @@ densifying line, the sparse-preserving fix gets none."""
 
 import pathlib
 
-import nbformat
 import pytest
 
 ALERT_MIME = "application/vnd.memguard.alert+json"
@@ -17,6 +16,7 @@ def _alerts(cell):
 
 @pytest.mark.stack
 def test_demo_notebook_alerts_on_the_densifying_line_only():
+    import nbformat  # here, not at the top: collecting this file must not need the stack
     from nbclient import NotebookClient
 
     nb = nbformat.read(NOTEBOOK, as_version=4)

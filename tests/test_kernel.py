@@ -211,3 +211,18 @@ def test_debug_allocator_gives_a_clear_message_at_load():
         assert ex.stdout.strip() == "3.0"
     finally:
         k.shutdown()
+
+
+def test_sparse_rule_is_configurable(kernel):
+    code = ("import numpy as np, scipy.sparse as sp\n"
+            "X = sp.random(4000, 4000, density=0.01, format='csr',\n"
+            "              random_state=np.random.default_rng(2))\n"
+            "D = X.toarray()  # 128 MB dense, 64x the sparse bytes\n")
+    assert kernel.execute(code).alerts == []
+    ex = kernel.execute("import memguard\nprint(memguard.configure(sparse_min_bytes='100MB', "
+                        "sparse_min_ratio=50))")
+    assert "100000000" in ex.stdout
+    (alert,) = [a[2] for a in kernel.execute(code).alerts_of("sparse_to_dense")]
+    assert alert["line"] == 4 and alert["dense_bytes"] == 128_000_000
+    ex = kernel.execute("memguard.configure(sparse_min_ratio=0.5)", ok=False)
+    assert ex.error["ename"] == "ValueError"

@@ -25,6 +25,20 @@ def unload_ipython_extension(ipython):
     guard.unload(ipython)
 
 
+def configure(sparse_min_bytes=None, sparse_min_ratio=None):
+    """Tune the sparse_to_dense rule used when a cell has no budget.
+
+    A densification alerts when the dense array is at least ``sparse_min_bytes`` (bytes, or
+    a size string such as ``"256MiB"``; default 256 MiB) *and* at least
+    ``sparse_min_ratio`` times the sparse matrix's bytes (default 10). Under a budget the
+    rule is instead "dense bytes exceed what is left of the budget". Returns the rule now in
+    force as a dict. Raises ValueError for a size that is not positive or a ratio < 1.
+    """
+    from . import guard
+
+    return guard.configure(sparse_min_bytes, sparse_min_ratio)
+
+
 def history():
     """Return every cell's record so far as a list of dicts (see ``%memguard history``)."""
     from ._state import STATE

@@ -273,6 +273,26 @@ def _on_densify(matrix):
     _publish(cell, alert, cause)
 
 
+def configure(sparse_min_bytes=None, sparse_min_ratio=None):
+    """See memguard.configure."""
+    from .sizes import parse_size
+
+    if sparse_min_bytes is not None:
+        size = (parse_size(sparse_min_bytes, STATE.limit.bytes if STATE.limit else 0)
+                if isinstance(sparse_min_bytes, str) else int(sparse_min_bytes))
+        if size < 1:
+            raise ValueError("sparse_min_bytes must be a positive size, e.g. '256MiB'")
+    if sparse_min_ratio is not None:
+        ratio = float(sparse_min_ratio)
+        if not ratio >= 1.0 or ratio == float("inf"):
+            raise ValueError("sparse_min_ratio must be a finite number >= 1, e.g. 10")
+    if sparse_min_bytes is not None:
+        STATE.sparse_min_bytes = size
+    if sparse_min_ratio is not None:
+        STATE.sparse_min_ratio = ratio
+    return {"sparse_min_bytes": STATE.sparse_min_bytes, "sparse_min_ratio": STATE.sparse_min_ratio}
+
+
 def status_rows():
     """(label, text) rows for ``%memguard status``."""
     import psutil
