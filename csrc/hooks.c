@@ -1,5 +1,7 @@
 /* Owns the counting step shared by every allocator hook: bytes into mg_acct, and a budget
  * event into the ring on the first crossing in a cell. Any thread, with or without GIL. */
+#include <malloc.h>
+
 #include "mg_acct.h"
 #include "mg_frames.h"
 #include "mg_hooks.h"
@@ -24,4 +26,31 @@ MG_HOOKSAFE void mg_hooks_count_alloc(mg_domain_t d, size_t n)
 MG_HOOKSAFE void mg_hooks_count_free(mg_domain_t d, size_t n)
 {
     mg_acct_free(d, n);
+}
+
+MG_HOOKSAFE void mg_hooks_after_alloc(int was, mg_domain_t d, void *p)
+{
+    if (p != NULL && !was && mg_acct_enabled())
+        mg_hooks_count_alloc(d, malloc_usable_size(p));
+}
+
+MG_HOOKSAFE void mg_hooks_before_free(int was, mg_domain_t d, void *ptr)
+{
+    /* Called before the real free, so the address cannot be reused in between. */
+    if (ptr != NULL && !was && mg_acct_enabled())
+        mg_hooks_count_free(d, malloc_usable_size(ptr));
+}
+
+MG_HOOKSAFE size_t mg_hooks_realloc_old(int was, void *ptr)
+{
+    return (ptr != NULL && !was && mg_acct_enabled()) ? malloc_usable_size(ptr) : 0;
+}
+
+MG_HOOKSAFE void mg_hooks_after_realloc(int was, mg_domain_t d, size_t old, void *p)
+{
+    /* A realloc that succeeds is free(old) + alloc(new); one that fails changed nothing. */
+    if (p == NULL || was || !mg_acct_enabled())
+        return;
+    mg_hooks_count_free(d, old);
+    mg_hooks_count_alloc(d, malloc_usable_size(p));
 }

@@ -1,7 +1,6 @@
 /* Owns the NEP 49 data-memory handler "memguard" that wraps NumPy's default handler.
  * NumPy calls it from any thread that creates or frees arrays; install runs with the GIL. */
 #include <Python.h>
-#include <malloc.h>
 #include <string.h>
 
 #define NPY_NO_DEPRECATED_API NPY_1_22_API_VERSION
@@ -22,16 +21,15 @@ static PyDataMem_Handler s_prev;
 static int s_installed = 0;
 
 /* NumPy's default handler hands out malloc'd blocks (numpy/_core/src/multiarray/alloc.c),
- * so malloc_usable_size counts both ends alike even when NumPy's free size drifts after a
- * realloc (platform-facts). */
+ * so the malloc_usable_size rule of mg_hooks_after_alloc applies; it also absorbs NumPy's
+ * free size drifting after a realloc (platform-facts). */
 static void *np_malloc(void *ctx, size_t n)
 {
     PyDataMemAllocator *prev = ctx;
     int was = mg_guard_enter();
     void *p = prev->malloc(prev->ctx, n);
 
-    if (p != NULL && !was && mg_acct_enabled())
-        mg_hooks_count_alloc(MG_DOMAIN_NUMPY, malloc_usable_size(p));
+    mg_hooks_after_alloc(was, MG_DOMAIN_NUMPY, p);
     mg_guard_leave(was);
     return p;
 }
@@ -42,8 +40,7 @@ static void *np_calloc(void *ctx, size_t nelem, size_t elsize)
     int was = mg_guard_enter();
     void *p = prev->calloc(prev->ctx, nelem, elsize);
 
-    if (p != NULL && !was && mg_acct_enabled())
-        mg_hooks_count_alloc(MG_DOMAIN_NUMPY, malloc_usable_size(p));
+    mg_hooks_after_alloc(was, MG_DOMAIN_NUMPY, p);
     mg_guard_leave(was);
     return p;
 }
@@ -52,14 +49,10 @@ static void *np_realloc(void *ctx, void *ptr, size_t n)
 {
     PyDataMemAllocator *prev = ctx;
     int was = mg_guard_enter();
-    int count = !was && mg_acct_enabled();
-    size_t old = (count && ptr != NULL) ? malloc_usable_size(ptr) : 0;
+    size_t old = mg_hooks_realloc_old(was, ptr);
     void *p = prev->realloc(prev->ctx, ptr, n);
 
-    if (p != NULL && count) {
-        mg_hooks_count_free(MG_DOMAIN_NUMPY, old);
-        mg_hooks_count_alloc(MG_DOMAIN_NUMPY, malloc_usable_size(p));
-    }
+    mg_hooks_after_realloc(was, MG_DOMAIN_NUMPY, old, p);
     mg_guard_leave(was);
     return p;
 }
@@ -69,8 +62,7 @@ static void np_free(void *ctx, void *ptr, size_t size)
     PyDataMemAllocator *prev = ctx;
     int was = mg_guard_enter();
 
-    if (ptr != NULL && !was && mg_acct_enabled())
-        mg_hooks_count_free(MG_DOMAIN_NUMPY, malloc_usable_size(ptr));
+    mg_hooks_before_free(was, MG_DOMAIN_NUMPY, ptr);
     prev->free(prev->ctx, ptr, size);
     mg_guard_leave(was);
 }

@@ -1,6 +1,5 @@
 /* Owns the wrappers of the PyMem RAW domain and of the pymalloc arena allocator. RAW runs
  * in any thread, with or without the GIL; arenas under the GIL. Install/uninstall: GIL. */
-#include <malloc.h>
 
 #include "mg_acct.h"
 #include "mg_guard.h"
@@ -15,18 +14,16 @@ static PyObjectArenaAllocator s_prev_arena;
 static int s_raw_wrapped = 0;
 static int s_arena_wrapped = 0;
 
-/* Blocks are counted by malloc_usable_size on both alloc and free, so the two always agree
- * even when a caller's size arguments drift (platform-facts: exact against mallinfo2).
- * That requires the RAW chain below us to hand out malloc'd pointers, which is why the
- * Python side refuses to load under PYTHONMALLOC=debug (the debug hooks offset pointers). */
+/* RAW blocks are measured with malloc_usable_size (mg_hooks_after_alloc), which needs the
+ * RAW chain below us to hand out malloc'd pointers: that is why the Python side refuses to
+ * load under PYTHONMALLOC=debug (the debug hooks offset pointers). */
 static void *raw_malloc(void *ctx, size_t n)
 {
     PyMemAllocatorEx *prev = ctx;
     int was = mg_guard_enter();
     void *p = prev->malloc(prev->ctx, n);
 
-    if (p != NULL && !was && mg_acct_enabled())
-        mg_hooks_count_alloc(MG_DOMAIN_RAW, malloc_usable_size(p));
+    mg_hooks_after_alloc(was, MG_DOMAIN_RAW, p);
     mg_guard_leave(was);
     return p;
 }
@@ -37,8 +34,7 @@ static void *raw_calloc(void *ctx, size_t nelem, size_t elsize)
     int was = mg_guard_enter();
     void *p = prev->calloc(prev->ctx, nelem, elsize);
 
-    if (p != NULL && !was && mg_acct_enabled())
-        mg_hooks_count_alloc(MG_DOMAIN_RAW, malloc_usable_size(p));
+    mg_hooks_after_alloc(was, MG_DOMAIN_RAW, p);
     mg_guard_leave(was);
     return p;
 }
@@ -47,15 +43,10 @@ static void *raw_realloc(void *ctx, void *ptr, size_t n)
 {
     PyMemAllocatorEx *prev = ctx;
     int was = mg_guard_enter();
-    int count = !was && mg_acct_enabled();
-    size_t old = (count && ptr != NULL) ? malloc_usable_size(ptr) : 0;
+    size_t old = mg_hooks_realloc_old(was, ptr);
     void *p = prev->realloc(prev->ctx, ptr, n);
 
-    /* A realloc that succeeds is free(old) + alloc(new); one that fails changed nothing. */
-    if (p != NULL && count) {
-        mg_hooks_count_free(MG_DOMAIN_RAW, old);
-        mg_hooks_count_alloc(MG_DOMAIN_RAW, malloc_usable_size(p));
-    }
+    mg_hooks_after_realloc(was, MG_DOMAIN_RAW, old, p);
     mg_guard_leave(was);
     return p;
 }
@@ -65,9 +56,7 @@ static void raw_free(void *ctx, void *ptr)
     PyMemAllocatorEx *prev = ctx;
     int was = mg_guard_enter();
 
-    /* Count before the real free, so the address cannot be reused in between. */
-    if (ptr != NULL && !was && mg_acct_enabled())
-        mg_hooks_count_free(MG_DOMAIN_RAW, malloc_usable_size(ptr));
+    mg_hooks_before_free(was, MG_DOMAIN_RAW, ptr);
     prev->free(prev->ctx, ptr);
     mg_guard_leave(was);
 }

@@ -17,6 +17,18 @@ MG_HOOKSAFE void mg_hooks_count_alloc(mg_domain_t d, size_t n);
 /* Count a free of n bytes in domain d. Hook-safe. */
 MG_HOOKSAFE void mg_hooks_count_free(mg_domain_t d, size_t n);
 
+/* The counting rule every malloc-backed wrapper follows, in one place. `was` is what
+ * mg_guard_enter returned: a nested call (was != 0) or disabled counting counts nothing.
+ * Blocks are measured with malloc_usable_size on both ends, so alloc and free always agree
+ * even when a caller's size arguments drift (platform-facts: exact against mallinfo2);
+ * that needs the allocator below to hand out malloc'd pointers. All hook-safe. */
+MG_HOOKSAFE void mg_hooks_after_alloc(int was, mg_domain_t d, void *p);    /* p may be NULL */
+MG_HOOKSAFE void mg_hooks_before_free(int was, mg_domain_t d, void *ptr);  /* ptr may be NULL */
+/* For realloc: the old block's size, read before the real realloc (0 when not counting),
+ * then free(old) + alloc(new) once the real realloc succeeded (p != NULL). */
+MG_HOOKSAFE size_t mg_hooks_realloc_old(int was, void *ptr);
+MG_HOOKSAFE void mg_hooks_after_realloc(int was, mg_domain_t d, size_t old, void *p);
+
 /* Wrap the PyMem RAW allocator and the pymalloc arena allocator, saving the previous ones
  * as the wrappers' ctx. Idempotent: wrappers still installed (even under another layer
  * that stacked on top) are not wrapped again. Returns 0. GIL held. */

@@ -129,7 +129,10 @@ def test_array_created_in_a_later_cell_uses_memguard_handler(kernel):
     kernel.execute("import numpy as np")
     ex = kernel.execute(
         "import threading\n"
-        "from numpy._core.multiarray import get_handler_name\n"
+        "try:\n"
+        "    from numpy._core.multiarray import get_handler_name\n"
+        "except ImportError:  # NumPy 1.x\n"
+        "    from numpy.core.multiarray import get_handler_name\n"
         "names = [get_handler_name(), get_handler_name(np.ones(10))]\n"
         "t = threading.Thread(target=lambda: names.append(get_handler_name(np.ones(10))))\n"
         "t.start(); t.join()\n"
