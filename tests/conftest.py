@@ -67,9 +67,11 @@ class Kernel:
 
     def execute(self, code, timeout=TIMEOUT, ok=True):
         """Run ``code`` and collect its IOPub messages until idle and its execute_reply.
-        With ok=True an error in the cell fails the test, with its traceback."""
+        With ok=True an error in the cell fails the test, with its traceback. With ok=False
+        the error does not abort the requests that follow: ipykernel 6 stays in its abort
+        state for a moment after an error, so the test's next cell could be aborted."""
         sent = time.monotonic()
-        msg_id = self.kc.execute(code)
+        msg_id = self.kc.execute(code, stop_on_error=ok)
         messages, reply, reply_time, idle = [], None, None, False
         deadline = sent + timeout
         while not (idle and reply is not None):
