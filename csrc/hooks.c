@@ -41,15 +41,20 @@ MG_HOOKSAFE void mg_hooks_before_free(int was, mg_domain_t d, void *ptr)
         mg_hooks_count_free(d, malloc_usable_size(ptr));
 }
 
-MG_HOOKSAFE size_t mg_hooks_realloc_old(int was, void *ptr)
+MG_HOOKSAFE int mg_hooks_counting(int was)
 {
-    return (ptr != NULL && !was && mg_acct_enabled()) ? malloc_usable_size(ptr) : 0;
+    return !was && mg_acct_enabled();
 }
 
-MG_HOOKSAFE void mg_hooks_after_realloc(int was, mg_domain_t d, size_t old, void *p)
+MG_HOOKSAFE size_t mg_hooks_realloc_old(int count, void *ptr)
+{
+    return (count && ptr != NULL) ? malloc_usable_size(ptr) : 0;
+}
+
+MG_HOOKSAFE void mg_hooks_after_realloc(int count, mg_domain_t d, size_t old, void *p)
 {
     /* A realloc that succeeds is free(old) + alloc(new); one that fails changed nothing. */
-    if (p == NULL || was || !mg_acct_enabled())
+    if (p == NULL || !count)
         return;
     mg_hooks_count_free(d, old);
     mg_hooks_count_alloc(d, malloc_usable_size(p));

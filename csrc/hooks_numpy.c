@@ -49,10 +49,11 @@ static void *np_realloc(void *ctx, void *ptr, size_t n)
 {
     PyDataMemAllocator *prev = ctx;
     int was = mg_guard_enter();
-    size_t old = mg_hooks_realloc_old(was, ptr);
+    int count = mg_hooks_counting(was);
+    size_t old = mg_hooks_realloc_old(count, ptr);
     void *p = prev->realloc(prev->ctx, ptr, n);
 
-    mg_hooks_after_realloc(was, MG_DOMAIN_NUMPY, old, p);
+    mg_hooks_after_realloc(count, MG_DOMAIN_NUMPY, old, p);
     mg_guard_leave(was);
     return p;
 }

@@ -24,10 +24,13 @@ MG_HOOKSAFE void mg_hooks_count_free(mg_domain_t d, size_t n);
  * that needs the allocator below to hand out malloc'd pointers. All hook-safe. */
 MG_HOOKSAFE void mg_hooks_after_alloc(int was, mg_domain_t d, void *p);    /* p may be NULL */
 MG_HOOKSAFE void mg_hooks_before_free(int was, mg_domain_t d, void *ptr);  /* ptr may be NULL */
-/* For realloc: the old block's size, read before the real realloc (0 when not counting),
- * then free(old) + alloc(new) once the real realloc succeeded (p != NULL). */
-MG_HOOKSAFE size_t mg_hooks_realloc_old(int was, void *ptr);
-MG_HOOKSAFE void mg_hooks_after_realloc(int was, mg_domain_t d, size_t old, void *p);
+/* For realloc, decided once so the old and new blocks are counted alike even if counting is
+ * switched off meanwhile: mg_hooks_counting says whether to count (not nested, enabled);
+ * mg_hooks_realloc_old reads the old block's size before the real realloc (0 when not
+ * counting); mg_hooks_after_realloc counts free(old) + alloc(new) once it succeeded. */
+MG_HOOKSAFE int mg_hooks_counting(int was);
+MG_HOOKSAFE size_t mg_hooks_realloc_old(int count, void *ptr);
+MG_HOOKSAFE void mg_hooks_after_realloc(int count, mg_domain_t d, size_t old, void *p);
 
 /* Wrap the PyMem RAW allocator and the pymalloc arena allocator, saving the previous ones
  * as the wrappers' ctx. Idempotent: wrappers still installed (even under another layer
