@@ -10,18 +10,19 @@ APT_PACKAGES := libzmq3-dev pkg-config gcc make perl clang valgrind
 # Debian 12's own Python stack, for `make test-compat` (ipykernel 6.17, NumPy 1.24).
 APT_COMPAT_PACKAGES := python3-venv python3-dev python3-ipykernel python3-jupyter-client \
 	python3-numpy python3-scipy python3-pytest python3-zmq python3-psutil \
-	python3-humanfriendly python3-setuptools
+	python3-humanfriendly python3-setuptools python3-tabulate
 CC ?= cc
 CFLAGS_TEST := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -g -O1 -Iinclude -Itests
 ASAN := -fsanitize=address,undefined -fno-omit-frame-pointer
 # The C units that need no Python: they are what the TAP tests link.
-C_ENGINE := csrc/ring.c csrc/acct.c csrc/relay.c csrc/guard.c
+C_ENGINE := csrc/ring.c csrc/acct.c csrc/relay.c csrc/guard.c csrc/sites.c csrc/rss.c
 C_TESTS := $(patsubst tests/t-%.c,tests/bin/t-%,$(wildcard tests/t-*.c))
 PYSRC := $(wildcard jupyter_ext/memguard/*.py)
 CSRC := $(wildcard csrc/*.c include/*.h)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: all demo test ctest pytest check-asan check-valgrind test-compat lock clean deps
+.PHONY: all demo test ctest pytest check-asan check-valgrind test-compat lock clean deps \
+	bench bench-latency
 
 all: .stamp-installed
 
@@ -80,6 +81,15 @@ check-asan: .stamp-apt
 check-valgrind: $(C_TESTS)
 	for t in $(C_TESTS); do valgrind -q --error-exitcode=1 --leak-check=full --child-silent-after-fork=yes $$t >/dev/null || exit 1; done
 	@echo "valgrind: clean"
+
+# --- benchmarks -------------------------------------------------------------------------
+# `make bench` runs every benchmark; each writes its figures to build/.
+bench: bench-latency
+
+# Alert latency (bench/alert_latency.py): crossing allocation -> IOPub alert at a client,
+# p50/p99/max per scenario; BENCH_ARGS="--quick" or "--runs 50" to change it.
+bench-latency: .stamp-installed
+	$(VPY) bench/alert_latency.py $(BENCH_ARGS)
 
 # --- Debian 12's own stack: /usr/bin/python3, ipykernel 6.17, NumPy 1.24 ------------------
 .venv-compat/.stamp: Makefile

@@ -64,6 +64,16 @@ MG_HOOKSAFE int64_t mg_acct_cell_usage(void)
            atomic_load_explicit(&s_cell_start, memory_order_relaxed);
 }
 
+MG_HOOKSAFE int64_t mg_acct_budget(void)
+{
+    return atomic_load_explicit(&s_budget, memory_order_relaxed);
+}
+
+int mg_acct_cross(void)
+{
+    return atomic_exchange_explicit(&s_crossed, 1, memory_order_acq_rel) == 0;
+}
+
 MG_HOOKSAFE int64_t mg_acct_epoch(void)
 {
     return atomic_load_explicit(&s_epoch, memory_order_relaxed);

@@ -13,6 +13,9 @@ static PyObjectArenaAllocator s_prev_arena;
 /* Whether our wrapper is somewhere in the RAW / arena chain. GIL held (install/uninstall). */
 static int s_raw_wrapped = 0;
 static int s_arena_wrapped = 0;
+/* Set by install before a probe allocation; raw_malloc turns 1 into 2, so install can tell
+ * whether our RAW wrapper is still in the chain. Thread-local: only the probing thread. */
+static _Thread_local int t_probe = 0;
 
 /* RAW blocks are measured with malloc_usable_size (mg_hooks_after_alloc), which needs the
  * RAW chain below us to hand out malloc'd pointers: that is why the Python side refuses to
@@ -23,6 +26,8 @@ static void *raw_malloc(void *ctx, size_t n)
     int was = mg_guard_enter();
     void *p = prev->malloc(prev->ctx, n);
 
+    if (t_probe)
+        t_probe = 2;
     mg_hooks_after_alloc(was, MG_DOMAIN_RAW, p);
     mg_guard_leave(was);
     return p;
@@ -68,8 +73,9 @@ static void *arena_alloc(void *ctx, size_t n)
     int was = mg_guard_enter();
     void *p = prev->alloc(prev->ctx, n);
 
+    /* Arenas come from mmap, not malloc: count the size CPython asked for. */
     if (p != NULL && !was && mg_acct_enabled())
-        mg_hooks_count_alloc(MG_DOMAIN_ARENA, n);
+        mg_hooks_count_alloc(MG_DOMAIN_ARENA, n, p);
     mg_guard_leave(was);
     return p;
 }
@@ -80,13 +86,37 @@ static void arena_free(void *ctx, void *ptr, size_t n)
     int was = mg_guard_enter();
 
     if (ptr != NULL && !was && mg_acct_enabled())
-        mg_hooks_count_free(MG_DOMAIN_ARENA, n);
+        mg_hooks_count_free(MG_DOMAIN_ARENA, n, ptr);
     prev->free(prev->ctx, ptr, n);
     mg_guard_leave(was);
 }
 
+/* Whether a RAW allocation still passes through raw_malloc. tracemalloc.stop() puts back
+ * the allocator tracemalloc saved when it started, which drops a wrapper installed after
+ * it (Python/tracemalloc.c tracemalloc_stop), so "installed once" is not "still there". */
+static int pymem_raw_in_chain(void)
+{
+    void *p;
+
+    t_probe = 1;
+    p = PyMem_RawMalloc(16);
+    PyMem_RawFree(p);
+    if (t_probe != 2) {
+        t_probe = 0;
+        return 0;
+    }
+    t_probe = 0;
+    return 1;
+}
+
 int mg_hooks_pymem_install(void)
 {
+    int rewrapped = 0;
+
+    if (s_raw_wrapped && !pymem_raw_in_chain()) {
+        s_raw_wrapped = 0;
+        rewrapped = 1;
+    }
     if (!s_raw_wrapped) {
         PyMemAllocatorEx mine;
 
@@ -109,7 +139,7 @@ int mg_hooks_pymem_install(void)
         PyObject_SetArenaAllocator(&mine);
         s_arena_wrapped = 1;
     }
-    return 0;
+    return rewrapped;
 }
 
 int mg_hooks_pymem_uninstall(void)

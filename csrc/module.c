@@ -10,12 +10,15 @@
 #include "mg_hooks.h"
 #include "mg_relay.h"
 #include "mg_ring.h"
+#include "mg_rss.h"
+#include "mg_sites.h"
 
 static PyObject *core_install(PyObject *self, PyObject *unused)
 {
-    mg_hooks_pymem_install();
+    int rewrapped = mg_hooks_pymem_install();
+
     mg_acct_set_enabled(1);
-    Py_RETURN_NONE;
+    return PyBool_FromLong(rewrapped);
 }
 
 static PyObject *core_install_numpy(PyObject *self, PyObject *unused)
@@ -71,6 +74,8 @@ static PyObject *core_cell_begin(PyObject *self, PyObject *args)
     }
     if (core_parse_budget(budget_obj, &budget) < 0)
         return NULL;
+    mg_sites_sweep((int64_t)epoch);
+    mg_rss_cell_begin();
     mg_acct_cell_begin((int64_t)epoch, budget);
     Py_RETURN_NONE;
 }
@@ -88,9 +93,14 @@ static PyObject *core_set_budget(PyObject *self, PyObject *arg)
 static PyObject *core_snapshot(PyObject *self, PyObject *unused)
 {
     mg_acct_snapshot_t s;
+    mg_rss_snapshot_t r;
+    int64_t rss = mg_rss_read();
 
     mg_acct_snapshot(&s);
-    return Py_BuildValue("{sLsLsLsLsLsLsLsLsLsi}",
+    mg_rss_snapshot(&r);
+    if (rss < 0)
+        rss = r.last;
+    return Py_BuildValue("{sLsLsLsLsLsLsLsLsLsisLsLsL}",
                          "tracked", (long long)s.tracked,
                          "raw", (long long)s.domain[MG_DOMAIN_RAW],
                          "arena", (long long)s.domain[MG_DOMAIN_ARENA],
@@ -100,7 +110,10 @@ static PyObject *core_snapshot(PyObject *self, PyObject *unused)
                          "cell_usage", (long long)(s.tracked - s.cell_start),
                          "budget", (long long)s.budget,
                          "epoch", (long long)s.epoch,
-                         "crossed", s.crossed);
+                         "crossed", s.crossed,
+                         "rss", (long long)rss,
+                         "rss_cell_start", (long long)r.cell_start,
+                         "rss_cell_peak", (long long)(rss > r.cell_peak ? rss : r.cell_peak));
 }
 
 static PyObject *core_set_user_globals(PyObject *self, PyObject *arg)
@@ -120,6 +133,89 @@ static PyObject *core_cell_line(PyObject *self, PyObject *unused)
     if (line < 1)
         Py_RETURN_NONE;
     return PyLong_FromLong(line);
+}
+
+static PyObject *core_sites(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"epoch", "limit", NULL};
+    long long epoch = 0;
+    int limit = 20;
+    mg_site_info_t *buf;
+    PyObject *out = NULL;
+    int n;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|Li:sites", kwlist, &epoch, &limit))
+        return NULL;
+    if (limit < 1 || limit > (int)MG_SITE_SLOTS) {
+        PyErr_Format(PyExc_ValueError, "limit must be 1-%u", MG_SITE_SLOTS);
+        return NULL;
+    }
+    buf = PyMem_Malloc(sizeof(*buf) * (size_t)limit);
+    if (buf == NULL)
+        return PyErr_NoMemory();
+    n = mg_sites_list((int64_t)epoch, buf, limit);
+    out = PyList_New(n);
+    if (out == NULL)
+        goto finally;
+    for (int i = 0; i < n; i++) {
+        PyObject *row = Py_BuildValue("(LiLLL)", (long long)buf[i].epoch, buf[i].line,
+                                      (long long)buf[i].live_bytes,
+                                      (long long)buf[i].live_count,
+                                      (long long)buf[i].reported);
+        if (row == NULL) {
+            Py_CLEAR(out);
+            goto finally;
+        }
+        PyList_SET_ITEM(out, i, row);
+    }
+finally:
+    PyMem_Free(buf);
+    return out;
+}
+
+static PyObject *core_sites_config(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"threshold", "min_count", "budget_fraction",
+                             "no_budget_bytes", NULL};
+    long long threshold = -1;
+    long long min_count = -1;
+    double fraction = -1.0;
+    long long no_budget = -1;
+    mg_sites_rule_t rule;
+    mg_sites_stats_t st;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|LLdL:sites_config", kwlist, &threshold,
+                                     &min_count, &fraction, &no_budget))
+        return NULL;
+    mg_sites_get_rule(&rule);
+    if (PyTuple_GET_SIZE(args) + (kwargs ? PyDict_GET_SIZE(kwargs) : 0) > 0) {
+        if ((threshold != -1 && threshold < 4096) || (min_count != -1 && min_count < 1) ||
+            (fraction != -1.0 && !(fraction > 0.0 && fraction <= 1.0)) ||
+            (no_budget != -1 && no_budget < 1)) {
+            PyErr_SetString(PyExc_ValueError,
+                            "threshold >= 4096 bytes, min_count >= 1, 0 < budget_fraction <= 1, "
+                            "no_budget_bytes >= 1");
+            return NULL;
+        }
+        if (threshold != -1)
+            mg_sites_set_threshold((size_t)threshold);
+        if (min_count != -1)
+            rule.min_count = min_count;
+        if (fraction != -1.0)
+            rule.budget_fraction = fraction;
+        if (no_budget != -1)
+            rule.no_budget_bytes = no_budget;
+        mg_sites_set_rule(&rule);
+    }
+    mg_sites_stats(&st);
+    return Py_BuildValue("{sKsLsdsLsKsKsK}",
+                         "threshold", (unsigned long long)mg_sites_threshold(),
+                         "min_count", (long long)rule.min_count,
+                         "budget_fraction", rule.budget_fraction,
+                         "no_budget_bytes", (long long)rule.no_budget_bytes,
+                         "dropped", (unsigned long long)st.dropped,
+                         "sites", (unsigned long long)st.sites,
+                         "blocks", (unsigned long long)st.blocks);
 }
 
 static PyObject *core_relay_start(PyObject *self, PyObject *args)
@@ -144,8 +240,9 @@ static PyObject *core_relay_stop(PyObject *self, PyObject *unused)
 
 static PyObject *core_relay_stats(PyObject *self, PyObject *unused)
 {
-    return Py_BuildValue("{sisKsKsK}",
+    return Py_BuildValue("{sisKsKsKsK}",
                          "running", mg_relay_running(),
+                         "pending", (unsigned long long)mg_relay_pending(),
                          "sent", (unsigned long long)mg_relay_sent(),
                          "dropped", (unsigned long long)mg_relay_dropped(),
                          "ring_dropped", (unsigned long long)mg_ring_dropped());
@@ -153,8 +250,9 @@ static PyObject *core_relay_stats(PyObject *self, PyObject *unused)
 
 static PyMethodDef core_methods[] = {
     {"install", core_install, METH_NOARGS,
-     "install() -> None\n\nWrap the PyMem RAW and pymalloc arena allocators (idempotent) and "
-     "enable counting."},
+     "install() -> bool\n\nWrap the PyMem RAW and pymalloc arena allocators (idempotent) and "
+     "enable counting. Returns True if the RAW wrapper had fallen out of the allocator "
+     "chain (tracemalloc.stop() restores what tracemalloc saved) and was wrapped again."},
     {"install_numpy", core_install_numpy, METH_NOARGS,
      "install_numpy() -> bool\n\nPoint NumPy's default NEP 49 handler at the 'memguard' "
      "handler. Returns True if the current context's arrays are counted, False if it uses "
@@ -171,13 +269,25 @@ static PyMethodDef core_methods[] = {
      "set_budget(budget: int) -> None\n\nChange the running cell's budget (bytes, 0 = none)."},
     {"snapshot", core_snapshot, METH_NOARGS,
      "snapshot() -> dict\n\nCounters in bytes: tracked, raw, arena, numpy, cell_start, "
-     "cell_peak, cell_usage, budget; epoch; crossed (0/1)."},
+     "cell_peak, cell_usage, budget, rss (read now), rss_cell_start, rss_cell_peak; epoch; "
+     "crossed (0/1)."},
     {"set_user_globals", core_set_user_globals, METH_O,
      "set_user_globals(ns: dict | None) -> None\n\nThe notebook's globals, which mark the "
      "running cell's frames for line attribution."},
     {"cell_line", core_cell_line, METH_NOARGS,
      "cell_line() -> int | None\n\n1-based line of the running cell that is executing in "
      "this thread, or None."},
+    {"sites", (PyCFunction)(void (*)(void))core_sites, METH_VARARGS | METH_KEYWORDS,
+     "sites(epoch: int = 0, limit: int = 20) -> list[tuple]\n\nThe sites holding attributed "
+     "blocks, largest first: (epoch, line, live_bytes, live_count, reported_bytes); line is "
+     "-1 when unknown, reported_bytes 0 when the site never met the accumulation rule. "
+     "epoch 0 lists every cell. Raises ValueError for a limit outside 1-1024."},
+    {"sites_config", (PyCFunction)(void (*)(void))core_sites_config,
+     METH_VARARGS | METH_KEYWORDS,
+     "sites_config(threshold=None, min_count=None, budget_fraction=None, "
+     "no_budget_bytes=None) -> dict\n\nSet (any given) and return the attribution threshold "
+     "(bytes) and the accumulation rule, plus table stats (dropped, sites, blocks). Raises "
+     "ValueError for threshold < 4096, min_count < 1, a fraction outside (0, 1]."},
     {"relay_start", core_relay_start, METH_VARARGS,
      "relay_start(endpoint: str, period_ms: int = 2) -> None\n\nConnect a PUSH socket to "
      "endpoint and start the monitor thread. Raises OSError (EALREADY if running) or "
@@ -185,7 +295,8 @@ static PyMethodDef core_methods[] = {
     {"relay_stop", core_relay_stop, METH_NOARGS,
      "relay_stop() -> None\n\nStop and join the monitor thread and close its socket."},
     {"relay_stats", core_relay_stats, METH_NOARGS,
-     "relay_stats() -> dict\n\nrunning, sent, dropped (peer absent/slow), ring_dropped."},
+     "relay_stats() -> dict\n\nrunning, pending (events not yet forwarded), sent, dropped "
+     "(peer absent/slow), ring_dropped."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -225,7 +336,10 @@ PyMODINIT_FUNC PyInit__core(void)
         PyModule_AddStringConstant(m, "WIRE_FORMAT", MG_WIRE_FORMAT) < 0 ||
         PyModule_AddIntConstant(m, "WIRE_VERSION", MG_WIRE_VERSION) < 0 ||
         PyModule_AddIntConstant(m, "KIND_BUDGET", MG_KIND_BUDGET) < 0 ||
-        PyModule_AddIntConstant(m, "KIND_BUDGET_GROW", MG_KIND_BUDGET_GROW) < 0) {
+        PyModule_AddIntConstant(m, "KIND_BUDGET_GROW", MG_KIND_BUDGET_GROW) < 0 ||
+        PyModule_AddIntConstant(m, "KIND_ACCUMULATION", MG_KIND_ACCUMULATION) < 0 ||
+        PyModule_AddIntConstant(m, "KIND_ACCUMULATION_GROW", MG_KIND_ACCUMULATION_GROW) < 0 ||
+        PyModule_AddIntConstant(m, "KIND_BUDGET_RSS", MG_KIND_BUDGET_RSS) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -11,6 +11,7 @@
 #include "mg_acct.h"
 #include "mg_relay.h"
 #include "mg_ring.h"
+#include "mg_rss.h"
 
 _Static_assert(sizeof(mg_wire_t) == 64, "mg_wire_t must have no padding");
 
@@ -26,6 +27,9 @@ static _Atomic int s_stop = 0;
 /* Written by the thread (relaxed); read by anyone. */
 static _Atomic uint64_t s_sent = 0;
 static _Atomic uint64_t s_dropped = 0;
+/* Ring events the thread has finished with (sent or dropped); written by the thread
+ * (release), read by mg_relay_pending. */
+static _Atomic uint64_t s_forwarded = 0;
 
 /* The one place libzmq return codes are judged (pyzmq _check_rc). EAGAIN on a send means
  * the peer is absent or slow: drop the record and count it, never block. Returns 0 if the
@@ -40,7 +44,7 @@ static int mg_zmq_check(int rc)
 }
 
 static void relay_send(uint32_t kind, int64_t epoch, int32_t line, int64_t bytes,
-                       int64_t usage, double t)
+                       int64_t usage, int64_t count, double t)
 {
     mg_acct_snapshot_t snap;
     mg_wire_t w;
@@ -51,6 +55,7 @@ static void relay_send(uint32_t kind, int64_t epoch, int32_t line, int64_t bytes
     w.kind = kind;
     w.epoch = epoch;
     w.line = line;
+    w.count = count < 0 ? 0 : (count > UINT32_MAX ? UINT32_MAX : (uint32_t)count);
     w.bytes = bytes;
     w.usage = usage;
     w.peak = snap.epoch == epoch ? snap.cell_peak - snap.cell_start : usage;
@@ -65,7 +70,9 @@ static void *relay_main(void *arg)
     struct timespec nap = {0, (long)s_period_ms * 1000000L};
     int64_t alerted_epoch = 0; /* the cell whose budget alert was sent last */
     int32_t alerted_line = -1;
-    int64_t last_usage = 0;    /* the usage in the last record for alerted_epoch */
+    int64_t last_usage = 0;    /* the figure in the last record for alerted_epoch */
+    int by_rss = 0;            /* that alert came from the RSS rule: follow RSS growth */
+    unsigned tick = 0;
 
     (void)arg;
     while (!atomic_load_explicit(&s_stop, memory_order_acquire)) {
@@ -73,21 +80,51 @@ static void *relay_main(void *arg)
         mg_acct_snapshot_t snap;
 
         while (mg_ring_pop(&ev) == 0) {
-            relay_send(ev.kind, ev.epoch, ev.line, ev.bytes, ev.usage, ev.t);
+            relay_send(ev.kind, ev.epoch, ev.line, ev.bytes, ev.usage, ev.count, ev.t);
+            atomic_fetch_add_explicit(&s_forwarded, 1, memory_order_release);
             if (ev.kind == MG_KIND_BUDGET) {
                 alerted_epoch = ev.epoch;
                 alerted_line = ev.line;
                 last_usage = ev.usage;
+                by_rss = 0;
             }
         }
         mg_acct_snapshot(&snap);
-        if (alerted_epoch != 0 && snap.epoch == alerted_epoch && snap.crossed) {
-            int64_t peak = snap.cell_peak - snap.cell_start;
+        if (tick++ % MG_RSS_EVERY == 0 && mg_rss_sample() >= 0 && snap.budget > 0 &&
+            !snap.crossed) {
+            mg_rss_snapshot_t rss;
+            int64_t grown;
 
-            if ((double)peak >= (double)last_usage * (1.0 + MG_GROW_STEP)) {
-                relay_send(MG_KIND_BUDGET_GROW, alerted_epoch, alerted_line, 0, peak,
+            mg_rss_snapshot(&rss);
+            grown = rss.last - rss.cell_start;
+            /* cell_start is 0 until a cell began through mg_rss_cell_begin (C tests). */
+            if (rss.cell_start > 0 && grown > snap.budget && mg_acct_cross()) {
+                int64_t tracked = snap.tracked - snap.cell_start;
+
+                relay_send(MG_KIND_BUDGET_RSS, snap.epoch, -1, grown - tracked, grown, 0,
                            mg_ring_now());
-                last_usage = peak;
+                alerted_epoch = snap.epoch;
+                alerted_line = -1;
+                last_usage = grown;
+                by_rss = 1;
+                continue;
+            }
+        }
+        if (alerted_epoch != 0 && snap.epoch == alerted_epoch && snap.crossed) {
+            int64_t now;
+
+            if (by_rss) {
+                mg_rss_snapshot_t rss;
+
+                mg_rss_snapshot(&rss);
+                now = rss.cell_peak - rss.cell_start;
+            } else {
+                now = snap.cell_peak - snap.cell_start;
+            }
+            if ((double)now >= (double)last_usage * (1.0 + MG_GROW_STEP)) {
+                relay_send(MG_KIND_BUDGET_GROW, alerted_epoch, alerted_line, 0, now, 0,
+                           mg_ring_now());
+                last_usage = now;
             }
         }
         nanosleep(&nap, NULL);
@@ -164,6 +201,14 @@ uint64_t mg_relay_sent(void)
     return atomic_load_explicit(&s_sent, memory_order_relaxed);
 }
 
+uint64_t mg_relay_pending(void)
+{
+    uint64_t pushed = mg_ring_pushed();
+    uint64_t done = atomic_load_explicit(&s_forwarded, memory_order_acquire);
+
+    return pushed > done ? pushed - done : 0;
+}
+
 uint64_t mg_relay_dropped(void)
 {
     return atomic_load_explicit(&s_dropped, memory_order_relaxed);
@@ -175,6 +220,7 @@ uint64_t mg_relay_dropped(void)
 static void relay_atfork_child(void)
 {
     mg_acct_set_enabled(0);
+    mg_rss_atfork_child();
     atomic_store_explicit(&s_running, 0, memory_order_release);
     s_sock = NULL;
     s_ctx = NULL;

@@ -21,8 +21,8 @@ typedef struct ring_slot {
 static ring_slot_t s_slots[MG_RING_SLOTS];
 /* Written by producers (CAS, relaxed); read by producers. */
 static _Atomic uint64_t s_write = 0;
-/* Written and read by the one consumer only. */
-static uint64_t s_read = 0;
+/* Written by the one consumer (relaxed store); read by it and by mg_ring_pending. */
+static _Atomic uint64_t s_read = 0;
 /* Written by producers on a full ring (relaxed); read by anyone. */
 static _Atomic uint64_t s_dropped = 0;
 /* Set once by the first push or reset; slots must start with seq == index. */
@@ -41,7 +41,7 @@ void mg_ring_reset(void)
 {
     ring_init_slots();
     atomic_store(&s_write, 0);
-    s_read = 0;
+    atomic_store(&s_read, 0);
     atomic_store(&s_dropped, 0);
     atomic_store_explicit(&s_ready, 1, memory_order_release);
 }
@@ -82,16 +82,17 @@ MG_HOOKSAFE int mg_ring_push(const mg_event_t *ev)
 
 int mg_ring_pop(mg_event_t *ev)
 {
-    ring_slot_t *slot = &s_slots[s_read & (MG_RING_SLOTS - 1)];
+    uint64_t r = atomic_load_explicit(&s_read, memory_order_relaxed);
+    ring_slot_t *slot = &s_slots[r & (MG_RING_SLOTS - 1)];
     uint64_t seq = atomic_load_explicit(&slot->seq, memory_order_acquire);
 
-    if (!atomic_load_explicit(&s_ready, memory_order_acquire) || seq != s_read + 1) {
+    if (!atomic_load_explicit(&s_ready, memory_order_acquire) || seq != r + 1) {
         errno = EAGAIN;
         return MG_ERR;
     }
     memcpy(ev, &slot->ev, sizeof(*ev));
-    atomic_store_explicit(&slot->seq, s_read + MG_RING_SLOTS, memory_order_release);
-    s_read++;
+    atomic_store_explicit(&slot->seq, r + MG_RING_SLOTS, memory_order_release);
+    atomic_store_explicit(&s_read, r + 1, memory_order_relaxed);
     return MG_OK;
 }
 
@@ -101,6 +102,11 @@ MG_HOOKSAFE double mg_ring_now(void)
 
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+uint64_t mg_ring_pushed(void)
+{
+    return atomic_load_explicit(&s_write, memory_order_acquire);
 }
 
 uint64_t mg_ring_dropped(void)

@@ -30,6 +30,9 @@ typedef enum mg_domain {
 typedef enum mg_kind {
     MG_KIND_BUDGET = 1,      /* the cell's usage crossed its budget */
     MG_KIND_BUDGET_GROW = 2, /* an alerted cell's peak grew by >= MG_GROW_STEP since last record */
+    MG_KIND_ACCUMULATION = 3,      /* a site met the accumulation rule (mg_sites.h) */
+    MG_KIND_ACCUMULATION_GROW = 4, /* an alerted site grew by >= MG_GROW_STEP since its last */
+    MG_KIND_BUDGET_RSS = 5,        /* the cell's RSS growth crossed its budget first (mg_rss.h) */
 } mg_kind_t;
 
 #endif /* MEMGUARD_MEMGUARD_H */

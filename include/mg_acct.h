@@ -39,6 +39,14 @@ MG_HOOKSAFE void mg_acct_free(mg_domain_t d, size_t n);
 /* The current cell's usage in bytes: tracked - cell_start. Hook-safe. */
 MG_HOOKSAFE int64_t mg_acct_cell_usage(void);
 
+/* The current cell's budget in bytes (0 = none). Hook-safe. */
+MG_HOOKSAFE int64_t mg_acct_budget(void);
+
+/* Mark the current cell's budget as crossed on behalf of a rule outside the hooks (the
+ * monitor's RSS rule). Returns 1 if this call set it, 0 if it was already crossed. Any
+ * thread. */
+int mg_acct_cross(void);
+
 /* The current cell's epoch. Hook-safe. */
 MG_HOOKSAFE int64_t mg_acct_epoch(void);
 

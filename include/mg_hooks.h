@@ -9,13 +9,15 @@
 
 #include "memguard.h"
 
-/* Count an allocation of n bytes in domain d; when it makes the running cell cross its
- * budget, attribute it to a cell line (mg_frames_cell_line) and push an MG_KIND_BUDGET
- * event to the ring. Hook-safe. */
-MG_HOOKSAFE void mg_hooks_count_alloc(mg_domain_t d, size_t n);
+/* Count the allocation p of n bytes in domain d. A block of at least the attribution
+ * threshold (mg_sites_threshold) is attributed to a cell line (mg_frames_cell_line) and
+ * recorded in mg_sites, which applies the accumulation rule. When the allocation makes the
+ * running cell cross its budget, push an MG_KIND_BUDGET event to the ring. Hook-safe. */
+MG_HOOKSAFE void mg_hooks_count_alloc(mg_domain_t d, size_t n, void *p);
 
-/* Count a free of n bytes in domain d. Hook-safe. */
-MG_HOOKSAFE void mg_hooks_count_free(mg_domain_t d, size_t n);
+/* Count the free of p, n bytes in domain d, and take it off its site. Call before the real
+ * free. Hook-safe. */
+MG_HOOKSAFE void mg_hooks_count_free(mg_domain_t d, size_t n, void *p);
 
 /* The counting rule every malloc-backed wrapper follows, in one place. `was` is what
  * mg_guard_enter returned: a nested call (was != 0) or disabled counting counts nothing.
@@ -27,14 +29,18 @@ MG_HOOKSAFE void mg_hooks_before_free(int was, mg_domain_t d, void *ptr);  /* pt
 /* For realloc, decided once so the old and new blocks are counted alike even if counting is
  * switched off meanwhile: mg_hooks_counting says whether to count (not nested, enabled);
  * mg_hooks_realloc_old reads the old block's size before the real realloc (0 when not
- * counting); mg_hooks_after_realloc counts free(old) + alloc(new) once it succeeded. */
+ * counting) and takes it off its site; mg_hooks_after_realloc counts free(old) +
+ * alloc(new) once it succeeded. */
 MG_HOOKSAFE int mg_hooks_counting(int was);
 MG_HOOKSAFE size_t mg_hooks_realloc_old(int count, void *ptr);
 MG_HOOKSAFE void mg_hooks_after_realloc(int count, mg_domain_t d, size_t old, void *p);
 
 /* Wrap the PyMem RAW allocator and the pymalloc arena allocator, saving the previous ones
- * as the wrappers' ctx. Idempotent: wrappers still installed (even under another layer
- * that stacked on top) are not wrapped again. Returns 0. GIL held. */
+ * as the wrappers' ctx. Idempotent: wrappers still in the chain (even under another layer
+ * that stacked on top, such as tracemalloc started later) are not wrapped again; a RAW
+ * wrapper that fell out of the chain (tracemalloc started earlier, then stopped, restores
+ * what it saved) is detected with a probe allocation and wrapped again. Returns 1 when it
+ * had to wrap RAW again, else 0. GIL held. */
 int mg_hooks_pymem_install(void);
 
 /* Put back the allocators saved by install, for each one only if ours is still the one

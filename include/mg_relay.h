@@ -9,10 +9,11 @@
 
 #include "memguard.h"
 
-#define MG_WIRE_VERSION 1u
+#define MG_WIRE_VERSION 2u
 
-/* A record sent is re-sent as MG_KIND_BUDGET_GROW when the cell's peak usage has grown by
- * this fraction since the last record for it, so the alert can be updated in place. */
+/* A record sent is re-sent as MG_KIND_BUDGET_GROW (or an accumulation site's as
+ * MG_KIND_ACCUMULATION_GROW) when the figure at issue has grown by this fraction since the
+ * last record for it, so the alert can be updated in place rather than repeated. */
 #define MG_GROW_STEP 0.10
 
 /* One message on the wire: 64 bytes, little-endian (x86-64 and aarch64 Linux), no
@@ -22,17 +23,27 @@ typedef struct mg_wire {
     uint32_t kind;    /* mg_kind_t */
     int64_t epoch;    /* the cell's epoch (memguard's own counter of cells) */
     int32_t line;     /* 1-based line in the cell's source, or -1 if unknown */
-    uint32_t flags;   /* reserved, 0 */
-    int64_t bytes;    /* size of the allocation that crossed, bytes */
-    int64_t usage;    /* the cell's usage (tracked - start) when the record was made, bytes */
+    uint32_t count;   /* accumulation: live blocks at the site; otherwise 0 */
+    int64_t bytes;    /* budget: size of the allocation that crossed; accumulation: the
+                       * site's live bytes; budget_rss: untracked growth (RSS growth minus
+                       * tracked growth); bytes */
+    int64_t usage;    /* the cell's usage (tracked - start; budget_rss: RSS growth) when the
+                       * record was made, bytes */
     int64_t peak;     /* the cell's peak usage so far, bytes */
     int64_t budget;   /* the cell's budget, bytes (0 = none) */
     double t;         /* CLOCK_MONOTONIC seconds when the hook saw the event */
 } mg_wire_t;
 #define MG_WIRE_FORMAT "<IIqiIqqqqd"
 
+/* The monitor samples RSS every MG_RSS_EVERY polls (10 ms at the default 2 ms period):
+ * often enough to follow growth, rare enough to cost nothing measurable (one pread). */
+#define MG_RSS_EVERY 5
+
 /* Connect a PUSH socket (its own libzmq context) to endpoint (e.g. "ipc:///tmp/x/relay")
- * and start the monitor thread, which polls every period_ms milliseconds (1-1000).
+ * and start the monitor thread, which polls every period_ms milliseconds (1-1000): it
+ * forwards ring events, sends growth updates, samples RSS and applies the RSS budget rule
+ * (a cell whose RSS grew by more than its budget before its tracked usage did gets an
+ * MG_KIND_BUDGET_RSS record: memory from native code the hooks cannot see).
  * Returns 0; -1 with errno = EALREADY if running, EINVAL for a bad period, or the errno
  * libzmq or pthread_create set. GIL held (or no Python at all, in the C tests). */
 int mg_relay_start(const char *endpoint, int period_ms);
@@ -44,6 +55,11 @@ int mg_relay_stop(void);
 
 /* Non-zero while the monitor thread runs. Any thread. */
 int mg_relay_running(void);
+
+/* Ring events not yet forwarded by the monitor thread (pushed minus sent-or-dropped), so
+ * a caller can wait until what a cell produced is on the wire. Counts from the last
+ * mg_ring_reset, which the module does once. Any thread. */
+uint64_t mg_relay_pending(void);
 
 /* Records sent, and records dropped because the peer was absent or slow (EAGAIN). */
 uint64_t mg_relay_sent(void);

@@ -18,6 +18,7 @@ typedef struct mg_event {
     int64_t epoch;   /* the cell's epoch when the event happened */
     int64_t bytes;   /* size of the allocation at issue, bytes */
     int64_t usage;   /* the cell's usage after that allocation, bytes */
+    int64_t count;   /* accumulation: live blocks at the site; otherwise 0 */
     double t;        /* CLOCK_MONOTONIC seconds when the hook saw it */
 } mg_event_t;
 
@@ -32,6 +33,10 @@ int mg_ring_pop(mg_event_t *ev);
 /* CLOCK_MONOTONIC in seconds, the clock of mg_event_t.t (vDSO on Linux, no system call).
  * Hook-safe, any thread. */
 MG_HOOKSAFE double mg_ring_now(void);
+
+/* Events pushed since the last reset (counting one whose push is still being written).
+ * Any thread. */
+uint64_t mg_ring_pushed(void);
 
 /* Events dropped because the ring was full. Any thread. */
 uint64_t mg_ring_dropped(void);

@@ -25,22 +25,44 @@ def unload_ipython_extension(ipython):
     guard.unload(ipython)
 
 
-def configure(sparse_min_bytes=None, sparse_min_ratio=None):
-    """Tune the sparse_to_dense rule used when a cell has no budget.
+def configure(sparse_min_bytes=None, sparse_min_ratio=None, attribution_threshold=None,
+              accumulation_min_count=None, accumulation_budget_fraction=None,
+              accumulation_min_bytes=None):
+    """Tune memguard's detectors; arguments left as None keep their value.
 
-    A densification alerts when the dense array is at least ``sparse_min_bytes`` (bytes, or
-    a size string such as ``"256MiB"``; default 256 MiB) *and* at least
-    ``sparse_min_ratio`` times the sparse matrix's bytes (default 10). Under a budget the
-    rule is instead "dense bytes exceed what is left of the budget". Returns the rule now in
-    force as a dict. Raises ValueError for a size that is not positive or a ratio < 1.
+    sparse_to_dense, used when a cell has no budget: a densification alerts when the dense
+    array is at least ``sparse_min_bytes`` (bytes, or a size string such as ``"256MiB"``;
+    default 256 MiB) *and* at least ``sparse_min_ratio`` times the sparse matrix's bytes
+    (default 10). Under a budget the rule is "dense bytes exceed what is left of it".
+
+    Line attribution: blocks of at least ``attribution_threshold`` bytes (default 128 KiB,
+    glibc's default mmap threshold; pymalloc's 1 MiB arenas are above it) are attributed
+    to the cell line that allocated them. Smaller blocks are counted but not attributed.
+
+    accumulation: a line alerts when at least ``accumulation_min_count`` of its attributed
+    blocks (default 3) are alive at once and they hold at least
+    ``accumulation_budget_fraction`` of the cell's budget (default 0.25), or
+    ``accumulation_min_bytes`` (default 256 MiB) when the cell has no budget.
+
+    Returns every setting now in force as a dict. Raises ValueError, changing nothing, for
+    a size that is not positive, a ratio < 1, a threshold < 4096 bytes, a count < 1 or a
+    fraction outside (0, 1].
     """
     from . import guard
 
-    return guard.configure(sparse_min_bytes, sparse_min_ratio)
+    return guard.configure(sparse_min_bytes, sparse_min_ratio, attribution_threshold,
+                           accumulation_min_count, accumulation_budget_fraction,
+                           accumulation_min_bytes)
 
 
 def history():
-    """Return every cell's record so far as a list of dicts (see ``%memguard history``)."""
+    """Return every finished cell's record since load, oldest first, as a list of dicts:
+    ``epoch`` (memguard's cell counter), ``cell`` (execution count or None), ``peak``
+    (peak tracked usage), ``retained`` (tracked growth at the end), ``untracked`` (RSS growth
+    minus tracked growth), ``rss`` and ``rss_peak`` (bytes), ``budget`` (bytes or None),
+    ``seconds`` (wall time), ``top_site`` (``{cell, line, bytes, count}`` of the line still
+    holding the most attributed bytes, or None) and ``alerts`` (kinds, in order). All sizes
+    are integer bytes. The same table is shown by ``%memguard history``."""
     from ._state import STATE
 
     return [dict(rec) for rec in STATE.history]

@@ -30,6 +30,8 @@ class Cell:
     started: float  # time.monotonic() seconds
     budget: int  # bytes, 0 = none
     alerts: list = dataclasses.field(default_factory=list)
+    thread: typing.Optional[int] = None  # threading.get_ident() of the thread running it
+    trace: typing.Any = None  # trace.CellTrace while a %%memguard --trace cell runs
 
 
 @dataclasses.dataclass
@@ -52,6 +54,9 @@ class State:
     history: list = dataclasses.field(default_factory=list)
     notes: list = dataclasses.field(default_factory=list)  # reduced-mode explanations
     numpy_counted: bool = False
+    rss_baseline: int = 0  # bytes: RSS minus tracked at load; the gap is measured from it
+    summary: bool = False  # %memguard summary on|off
+    relay_sent_at_start: int = 0  # _core.relay_stats()["sent"] when this load's relay began
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     def add_cell(self, cell):

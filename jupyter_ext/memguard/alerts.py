@@ -22,16 +22,61 @@ def _base(kind, state, cell, line, nbytes, peak, budget):
     }
 
 
-def budget_alert(state, cell, line, usage, peak, budget, request):
+def budget_alert(state, cell, line, usage, peak, budget, request, gap, top_site=None,
+                 tracked=None):
     """The cell's usage (bytes) crossed ``budget`` (bytes); ``request`` is the size of the
-    allocation that crossed it (bytes, 0 if unknown) and ``line`` where it was made."""
+    allocation that crossed it (bytes, 0 if unknown) and ``line`` where it was made.
+
+    ``gap`` is a dict ``{"rss_bytes", "rss_growth", "untracked_bytes"}``: RSS now, RSS
+    growth since the cell began, and the part of that growth no hook counted (native code,
+    threads outside Python's allocators, allocator retention), all in bytes. When the
+    untracked part is what crossed the budget (the monitor's RSS rule, or untracked growth
+    larger than tracked usage), the message says so. ``top_site`` is
+    ``{"cell", "line", "bytes", "count"}`` for the line holding the most live attributed
+    bytes in this cell, or None.
+    """
     alert = _base("budget", state, cell, line, usage, peak, budget)
     alert["request_bytes"] = int(request)
+    alert.update({k: int(v) for k, v in gap.items()})
+    alert["top_site"] = top_site
+    untracked = gap["untracked_bytes"]
+    tracked = usage if tracked is None else tracked
     at = f" at line {line}" if alert["line"] else ""
+    if untracked > max(tracked, 0):
+        alert["message"] = (
+            f"This cell's memory (RSS) grew by {format_size(gap['rss_growth'])}, over its budget "
+            f"of {format_size(budget)}{at}, and {format_size(untracked)} of it is untracked: "
+            f"allocated by native code or threads outside Python's and NumPy's allocators "
+            f"(memguard counted {format_size(max(tracked, 0))}); look at C extensions, "
+            f"databases and thread pools in this cell, and close or chunk them."
+        )
+        return alert
+    most = ""
+    if top_site and top_site.get("line") is not None and top_site["bytes"] > 0:
+        most = (f"; most of it is held by line {top_site['line']} "
+                f"({format_size(top_site['bytes'])} in {top_site['count']} blocks)")
     alert["message"] = (
         f"This cell has used {format_size(peak)}, over its budget of {format_size(budget)} "
-        f"(crossed{at}); free what you no longer need (del), work in chunks, "
+        f"(crossed{at}){most}; free what you no longer need (del), work in chunks, "
         f"or raise the budget with %memguard budget SIZE."
+    )
+    return alert
+
+
+def accumulation_alert(state, cell, line, count, retained, peak, budget, rule):
+    """Line ``line`` keeps ``count`` blocks alive, ``retained`` bytes in all, within one cell:
+    the accumulation rule ``rule`` (dict from _core.sites_config) was met."""
+    alert = _base("accumulation", state, cell, line, retained, peak, budget)
+    alert["count"] = int(count)
+    alert["retained_bytes"] = int(retained)
+    share = (f", {retained / budget:.0%} of the cell's budget of {format_size(budget)}"
+             if budget else "")
+    at = f"Line {line}" if alert["line"] else "A line of this cell (not known)"
+    alert["message"] = (
+        f"{at} has allocated {count:,} blocks that are all still alive, "
+        f"{format_size(retained)} in all{share}: something built in a loop is being kept. "
+        f"Keep only what you need per iteration (aggregate, write out and clear, or del), "
+        f"or preallocate one array and fill it."
     )
     return alert
 

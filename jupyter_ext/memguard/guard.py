@@ -9,6 +9,7 @@ GIL, except ``_on_record``, which the relay thread calls.
 import atexit
 import os
 import sys
+import threading
 import time
 
 from . import alerts, limits, render, sparse
@@ -54,11 +55,16 @@ def load(shell):
         STATE.notes.append("PYTHONMALLOC=malloc: pymalloc is off, so small Python objects "
                            "are not counted (NumPy data and large blocks are)")
     _core.install()
+    snap = _core.snapshot()
+    # Everything the process held before the hooks went in is the baseline: from here on,
+    # RSS - baseline - tracked is memory no hook counted (the untracked gap).
+    STATE.rss_baseline = snap["rss"] - snap["tracked"]
     _install_numpy()
     _core.set_user_globals(shell.user_global_ns)
     STATE.publisher = Publisher(STATE.kernel)
     STATE.relay = Relay(_core.WIRE_FORMAT, _on_record)
     STATE.relay.start()
+    STATE.relay_sent_at_start = _core.relay_stats()["sent"]
     _core.relay_start(STATE.relay.endpoint)
     shell.events.register("pre_run_cell", pre_run_cell)
     shell.events.register("post_run_cell", post_run_cell)
@@ -170,7 +176,8 @@ def _begin_cell(info=None):
         count = STATE.shell.execution_count - STATE.count_offset
     else:
         count = None  # an execution that IPython does not number
-    cell = Cell(STATE.epoch, count, _current_parent(), time.monotonic(), budget)
+    cell = Cell(STATE.epoch, count, _current_parent(), time.monotonic(), budget,
+                thread=threading.get_ident())
     STATE.add_cell(cell)
     STATE.core.cell_begin(cell.epoch, budget)
     return cell
@@ -179,11 +186,16 @@ def _begin_cell(info=None):
 def pre_run_cell(info=None):
     """IPython ``pre_run_cell`` event: start accounting a new cell."""
     _install_sparse()
+    if STATE.core.install():
+        print("memguard: its allocator hook had been removed (tracemalloc.stop() puts back "
+              "the allocators tracemalloc found when it started) and is installed again; "
+              "blocks allocated in between are not counted.", file=sys.stderr)
     _begin_cell(info)
 
 
 def post_run_cell(result=None):
-    """IPython ``post_run_cell`` event: close the cell's record in the history."""
+    """IPython ``post_run_cell`` event: bring the cell's accumulation alerts up to date,
+    add the cell's record to the history and print the summary line if it is on."""
     cell = STATE.current
     if cell is None:
         return
@@ -195,15 +207,71 @@ def post_run_cell(result=None):
         # Learn the offset when memguard was loaded outside a cell (e.g. at kernel start).
         STATE.count_offset += (cell.count or 0) - count if cell.count is not None else 0
         cell.count = count
-    STATE.history.append({
+    drain()
+    sites = STATE.core.sites(cell.epoch, 20)
+    _finish_accumulation(cell, sites, snap)
+    top = _site_dict(cell, sites[0]) if sites and sites[0][2] > 0 else None
+    retained = snap["tracked"] - snap["cell_start"]
+    record = {
         "epoch": cell.epoch,
         "cell": cell.count,
         "peak": snap["cell_peak"] - snap["cell_start"],
-        "retained": snap["tracked"] - snap["cell_start"],
+        "retained": retained,
+        "untracked": (snap["rss"] - snap["rss_cell_start"]) - retained,
+        "rss": snap["rss"],
+        "rss_peak": snap["rss_cell_peak"],
         "budget": cell.budget or None,
         "seconds": time.monotonic() - cell.started,
+        "top_site": top,
         "alerts": [a["kind"] for a in cell.alerts],
-    })
+    }
+    STATE.history.append(record)
+    del STATE.history[:-MAX_HISTORY]
+    if STATE.summary:
+        print(summary_line(record))
+
+
+MAX_HISTORY = 10_000  # cells kept by memguard.history()
+
+
+def drain(timeout=1.0):
+    """Wait (at most ``timeout`` seconds) until every event the hooks pushed so far has been
+    sent by the C monitor and published by the relay, so a cell's alerts go out before its
+    execute_reply even when the cell ends a moment after the crossing. Returns False on
+    timeout (the relay is stuck or gone; the alerts still follow, late). Costs nothing when
+    the cell produced no event. Main thread."""
+    core, relay = STATE.core, STATE.relay
+    if relay is None:
+        return True
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = core.relay_stats()
+        if stats["pending"] == 0 and relay.processed >= relay_sent_baseline(stats):
+            return True
+        if time.monotonic() > deadline or not stats["running"]:
+            return False
+        time.sleep(0.002)
+
+
+def relay_sent_baseline(stats):
+    """Records the relay must have processed: all the C side sent since this relay started
+    (the C counter spans loads, so the count at relay start is subtracted)."""
+    return stats["sent"] - STATE.relay_sent_at_start
+
+
+def summary_line(rec):
+    """One line for ``%memguard summary on``: units always shown, growth signed."""
+    def signed(n):
+        return ("+" if n >= 0 else "") + format_size(n)
+
+    cell = f"cell {rec['cell']}" if rec["cell"] is not None else "cell"
+    top = ""
+    if rec["top_site"] and rec["top_site"]["line"] is not None:
+        top = (f", most retained by line {rec['top_site']['line']} "
+               f"({format_size(rec['top_site']['bytes'])})")
+    alerts = f", alerts: {', '.join(rec['alerts'])}" if rec["alerts"] else ""
+    return (f"memguard: {cell}: peak {format_size(rec['peak'])}, retained {signed(rec['retained'])}, "
+            f"untracked {signed(rec['untracked'])}, {rec['seconds']:.2f} s{top}{alerts}")
 
 
 def set_cell_budget(nbytes):
@@ -214,30 +282,111 @@ def set_cell_budget(nbytes):
     STATE.core.set_budget(nbytes)
 
 
-def _publish(cell, alert, cause):
+def _publish(cell, alert, cause, **private):
+    """Record ``alert`` in the cell (replacing the one of the same ``cause``) and publish
+    it. ``private`` keys (``_by_rss``) stay in the record, never in the message."""
+    tracer = cell.trace
+    if tracer is not None:
+        alert["trace"] = tracer.top()
     with STATE.lock:
         for i, old in enumerate(cell.alerts):
             if old.get("_cause") == cause:
-                cell.alerts[i] = dict(alert, _cause=cause)
+                if "trace" in old and "trace" not in alert:
+                    alert["trace"] = old["trace"]  # tracing ended: keep the last top lines
+                cell.alerts[i] = dict(alert, _cause=cause, **private)
                 break
         else:
-            cell.alerts.append(dict(alert, _cause=cause))
+            cell.alerts.append(dict(alert, _cause=cause, **private))
     STATE.publisher.publish(alert, cell.epoch, cause, cell.parent)
+
+
+def _site_dict(cell, row):
+    """A row of _core.sites() as the alert schema's ``{cell, line, bytes, count}``."""
+    _epoch, line, live, count, _reported = row
+    return {"cell": cell.count, "line": line if line > 0 else None, "bytes": int(live),
+            "count": int(count)}
+
+
+def _gap(snap):
+    """RSS now, its growth since the cell began, and the part of that growth no hook
+    counted (bytes); see alerts.budget_alert."""
+    rss_growth = snap["rss"] - snap["rss_cell_start"]
+    tracked_growth = snap["tracked"] - snap["cell_start"]
+    return {"rss_bytes": snap["rss"], "rss_growth": rss_growth,
+            "untracked_bytes": rss_growth - tracked_growth}
+
+
+def _running_line(cell):
+    """The line the cell's thread is executing, read from another thread (the relay) via
+    sys._current_frames; None if that thread is not in the cell's code. Used when the
+    monitor, which reads no frames, is the one that saw the budget crossed."""
+    frame = sys._current_frames().get(cell.thread)
+    ns = STATE.shell.user_global_ns if STATE.shell is not None else None
+    frames = []
+    while frame is not None:
+        if frame.f_globals is ns:
+            frames.append(frame)
+        frame = frame.f_back
+    if not frames:
+        return None
+    cell_file = frames[-1].f_code.co_filename  # outermost: the cell's module-level code
+    return next(f.f_lineno for f in frames if f.f_code.co_filename == cell_file)
 
 
 def _on_record(fields):
     """Relay thread: one record from the C monitor thread (mg_wire_t)."""
-    _version_, kind, epoch, line, _flags, nbytes, usage, peak, budget, _t = fields
+    _version_, kind, epoch, line, count, nbytes, usage, peak, budget, _t = fields
+    core = STATE.core
     cell = STATE.cell(epoch)
-    if cell is None or kind not in (STATE.core.KIND_BUDGET, STATE.core.KIND_BUDGET_GROW):
+    if cell is None:
         return
-    if kind == STATE.core.KIND_BUDGET_GROW:
-        with STATE.lock:
-            first = next((a for a in cell.alerts if a.get("_cause") == ALERT_CAUSE_BUDGET), None)
-        nbytes = first["request_bytes"] if first else 0
+    if kind in (core.KIND_ACCUMULATION, core.KIND_ACCUMULATION_GROW):
+        _publish_accumulation(cell, line, count, nbytes)
+        return
+    if kind not in (core.KIND_BUDGET, core.KIND_BUDGET_GROW, core.KIND_BUDGET_RSS):
+        return
+    snap = core.snapshot()
+    gap = _gap(snap)
+    with STATE.lock:
+        first = next((a for a in cell.alerts if a.get("_cause") == ALERT_CAUSE_BUDGET), None)
+    by_rss = kind == core.KIND_BUDGET_RSS or (first is not None and first.get("_by_rss"))
+    if kind == core.KIND_BUDGET_RSS:
+        line, nbytes = _running_line(cell) or -1, 0
+    elif kind == core.KIND_BUDGET_GROW and first is not None:
+        line, nbytes = first["line"] or -1, first["request_bytes"]
+    if snap["epoch"] == epoch:
+        tracked_peak = snap["cell_peak"] - snap["cell_start"]
+        peak = max(peak, tracked_peak, gap["rss_growth"] if by_rss else 0)
+    top_rows = core.sites(epoch, 1)
+    top = _site_dict(cell, top_rows[0]) if top_rows and top_rows[0][2] > 0 else None
+    tracked = snap["tracked"] - snap["cell_start"] if snap["epoch"] == epoch else usage
     alert = alerts.budget_alert(STATE, cell, line, usage, max(peak, usage), budget or cell.budget,
-                                nbytes)
-    _publish(cell, alert, ALERT_CAUSE_BUDGET)
+                                nbytes, gap, top, tracked)
+    _publish(cell, alert, ALERT_CAUSE_BUDGET, _by_rss=by_rss)
+
+
+def _publish_accumulation(cell, line, count, retained, snap=None):
+    """Publish (or update) the accumulation alert of ``line`` in ``cell``."""
+    snap = snap or STATE.core.snapshot()
+    same = snap["epoch"] == cell.epoch
+    budget = snap["budget"] if same else cell.budget
+    peak = snap["cell_peak"] - snap["cell_start"] if same else retained
+    alert = alerts.accumulation_alert(STATE, cell, line, count, retained, max(peak, retained),
+                                      budget, STATE.core.sites_config())
+    _publish(cell, alert, ("accumulation", alert["line"]))
+
+
+def _finish_accumulation(cell, sites, snap):
+    """At the end of a cell, bring each accumulation alert to the site's final figures, so
+    the alert left under the cell says how much the loop kept in the end (the C side only
+    reports growth in steps of MG_GROW_STEP)."""
+    with STATE.lock:
+        shown = {a["line"]: a for a in cell.alerts if a["kind"] == "accumulation"}
+    for _epoch, line, live, count, reported in sites:
+        key = line if line > 0 else None
+        alert = shown.get(key)
+        if reported and alert is not None and live > alert["retained_bytes"]:
+            _publish_accumulation(cell, line, count, live, snap)
 
 
 def _on_densify(matrix):
@@ -273,34 +422,72 @@ def _on_densify(matrix):
     _publish(cell, alert, cause)
 
 
-def configure(sparse_min_bytes=None, sparse_min_ratio=None):
+def configure(sparse_min_bytes=None, sparse_min_ratio=None, attribution_threshold=None,
+              accumulation_min_count=None, accumulation_budget_fraction=None,
+              accumulation_min_bytes=None):
     """See memguard.configure."""
+    def size_of(value, name, example):
+        if isinstance(value, str):
+            try:
+                return parse_size(value, STATE.limit.bytes if STATE.limit else 0)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 1:
+            raise ValueError(f"{name} must be a positive size, e.g. {example!r}")
+        return int(value)
+
     from .sizes import parse_size
 
+    new = {}
     if sparse_min_bytes is not None:
-        size = (parse_size(sparse_min_bytes, STATE.limit.bytes if STATE.limit else 0)
-                if isinstance(sparse_min_bytes, str) else int(sparse_min_bytes))
-        if size < 1:
-            raise ValueError("sparse_min_bytes must be a positive size, e.g. '256MiB'")
+        new["sparse_min_bytes"] = size_of(sparse_min_bytes, "sparse_min_bytes", "256MiB")
     if sparse_min_ratio is not None:
         ratio = float(sparse_min_ratio)
         if not ratio >= 1.0 or ratio == float("inf"):
             raise ValueError("sparse_min_ratio must be a finite number >= 1, e.g. 10")
-    if sparse_min_bytes is not None:
-        STATE.sparse_min_bytes = size
-    if sparse_min_ratio is not None:
-        STATE.sparse_min_ratio = ratio
-    return {"sparse_min_bytes": STATE.sparse_min_bytes, "sparse_min_ratio": STATE.sparse_min_ratio}
+        new["sparse_min_ratio"] = ratio
+    rule = {}
+    if attribution_threshold is not None:
+        rule["threshold"] = size_of(attribution_threshold, "attribution_threshold", "128KiB")
+        if rule["threshold"] < 4096:
+            raise ValueError("attribution_threshold must be at least 4096 bytes, e.g. '128KiB'")
+    if accumulation_min_count is not None:
+        if isinstance(accumulation_min_count, bool) or not isinstance(accumulation_min_count, int) \
+                or accumulation_min_count < 1:
+            raise ValueError("accumulation_min_count must be a whole number >= 1, e.g. 3")
+        rule["min_count"] = accumulation_min_count
+    if accumulation_budget_fraction is not None:
+        fraction = float(accumulation_budget_fraction)
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError("accumulation_budget_fraction must be in (0, 1], e.g. 0.25")
+        rule["budget_fraction"] = fraction
+    if accumulation_min_bytes is not None:
+        rule["no_budget_bytes"] = size_of(accumulation_min_bytes, "accumulation_min_bytes",
+                                          "256MiB")
+    # Everything was checked: only now change anything.
+    for key, value in new.items():
+        setattr(STATE, key, value)
+    from . import _core  # the C settings are process-wide: they apply before load too
+
+    current = _core.sites_config(**rule)
+    return {
+        "sparse_min_bytes": STATE.sparse_min_bytes,
+        "sparse_min_ratio": STATE.sparse_min_ratio,
+        "attribution_threshold": current.get("threshold"),
+        "accumulation_min_count": current.get("min_count"),
+        "accumulation_budget_fraction": current.get("budget_fraction"),
+        "accumulation_min_bytes": current.get("no_budget_bytes"),
+    }
 
 
 def status_rows():
     """(label, text) rows for ``%memguard status``."""
-    import psutil
-
     snap = STATE.core.snapshot()
     limit = STATE.limit
     last = STATE.history[-1] if STATE.history else None
     relay = STATE.core.relay_stats()
+    sites = STATE.core.sites_config()
+    gap = snap["rss"] - STATE.rss_baseline - snap["tracked"]
     rows = [
         ("memguard", _version()),
         ("limit", f"{format_size(limit.bytes)} ({limit.source}: {limit.detail})"),
@@ -309,14 +496,54 @@ def status_rows():
         ("tracked", f"{format_size(snap['tracked'])} since load (Python heap "
                     f"{format_size(snap['raw'] + snap['arena'])}, NumPy "
                     f"{format_size(snap['numpy'])})"),
-        ("RSS", format_size(psutil.Process().memory_info().rss)),
+        ("RSS", f"{format_size(snap['rss'])} (baseline at load {format_size(STATE.rss_baseline)})"),
+        ("untracked", f"{format_size(gap)} (RSS - baseline - tracked: native code, threads "
+                      f"outside Python's allocators, allocator free lists)"),
         ("last cell peak", f"{format_size(last['peak'])} (cell {last['cell']})" if last else "n/a"),
         ("NumPy arrays", "counted (NEP 49 handler 'memguard')" if STATE.numpy_counted
          else "not counted"),
+        ("attribution", f"blocks >= {format_size(sites['threshold'])}; accumulation at "
+                        f">= {sites['min_count']} live blocks and >= "
+                        f"{sites['budget_fraction']:.0%} of the budget "
+                        f"({format_size(sites['no_budget_bytes'])} without one)"),
+        ("summary", "on" if STATE.summary else "off"),
         ("alerts relayed", f"{relay['sent']} sent, {relay['dropped'] + relay['ring_dropped']} dropped"),
     ]
     rows += [("note", note) for note in STATE.notes]
     return rows
+
+
+def history_bundle():
+    """``%memguard history``: every cell's record as a table (text/plain via tabulate,
+    text/html escaped with html.escape)."""
+    import html
+
+    import tabulate
+
+    head = ["cell", "peak", "retained", "untracked", "seconds", "top site", "alerts"]
+    rows = []
+    for rec in STATE.history:
+        top = rec["top_site"]
+        rows.append([
+            rec["cell"] if rec["cell"] is not None else "-",
+            format_size(rec["peak"]),
+            format_size(rec["retained"]),
+            format_size(rec["untracked"]),
+            f"{rec['seconds']:.2f} s",
+            (f"line {top['line']}: {format_size(top['bytes'])}"
+             if top and top["line"] is not None else "-"),
+            ", ".join(rec["alerts"]) or "-",
+        ])
+    if not rows:
+        text = "memguard: no cell has finished since memguard was loaded"
+        return {"text/plain": text, "text/html": html.escape(text)}
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>"
+                   for row in rows)
+    head_html = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    return {
+        "text/plain": tabulate.tabulate(rows, headers=head, disable_numparse=True),
+        "text/html": f"<table class='memguard-history'><tr>{head_html}</tr>{body}</table>",
+    }
 
 
 def status_bundle():

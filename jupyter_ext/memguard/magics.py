@@ -16,9 +16,12 @@ from . import guard
 from ._state import STATE
 from .sizes import EXAMPLE, format_size, parse_size
 
-LINE_USAGE = """%memguard [status]        show limit, budget, mode, tracked and RSS bytes, last cell's peak
-%memguard budget SIZE|off  default budget for every following cell (SIZE: 500MB, 2GiB, 25%, ...)"""
-CELL_USAGE = "%%memguard SIZE   run this cell with budget SIZE (e.g. %%memguard 500MB)"
+LINE_USAGE = """%memguard [status]         show limit, budget, mode, tracked, RSS and untracked bytes
+%memguard budget SIZE|off  default budget for every following cell (SIZE: 500MB, 2GiB, 25%, ...)
+%memguard summary on|off   one line after each cell: peak, retained, untracked, seconds
+%memguard history          a table of every cell so far (memguard.history() returns it)"""
+CELL_USAGE = """%%memguard SIZE [--trace]  run this cell with budget SIZE (e.g. %%memguard 500MB)
+  --trace  run it under tracemalloc and add its top lines to the cell's alerts"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,12 +43,16 @@ def _line_parser():
     sub.add_parser("status", usage=LINE_USAGE)
     budget = sub.add_parser("budget", usage="%memguard budget SIZE|off   e.g. %memguard budget 2GB")
     budget.add_argument("size")
+    summary = sub.add_parser("summary", usage="%memguard summary on|off   e.g. %memguard summary on")
+    summary.add_argument("state", choices=("on", "off"))
+    sub.add_parser("history", usage="%memguard history")
     return parser
 
 
 def _cell_parser():
     parser = _Parser(CELL_USAGE)
     parser.add_argument("size")
+    parser.add_argument("--trace", action="store_true")
     return parser
 
 
@@ -72,11 +79,14 @@ class MemguardMagics(Magics):
         """Per-cell memory budgets and status.
 
         Line magic:
-          %memguard [status]        show limit, budget, mode, tracked and RSS bytes
+          %memguard [status]         show limit, budget, mode, tracked, RSS and untracked bytes
           %memguard budget SIZE|off  default budget for every following cell
+          %memguard summary on|off   one line after each cell: peak, retained, untracked, time
+          %memguard history          a table of every cell so far
 
         Cell magic:
-          %%memguard SIZE           run this cell with budget SIZE
+          %%memguard SIZE [--trace]  run this cell with budget SIZE; --trace runs it under
+                                     tracemalloc and adds its top lines to the cell's alerts
 
         SIZE: a number of bytes with an optional decimal or binary unit (500MB, 2GiB, 1.5G,
         800M, 1e9) or a percentage of the effective memory limit (25%). A cell's usage is
@@ -100,11 +110,30 @@ class MemguardMagics(Magics):
             else:
                 STATE.default_budget = _size(args.size)
                 print(f"memguard: budget {format_size(STATE.default_budget)} per cell from the next cell on")
+        elif args.command == "summary":
+            STATE.summary = args.state == "on"
+            print(f"memguard: summary {args.state}")
+        elif args.command == "history":
+            from IPython.display import display
+
+            display(guard.history_bundle(), raw=True)
 
     def _cell(self, line, cell):
         args = _cell_parser().parse_args(_split(line, CELL_USAGE))
         guard.set_cell_budget(_size(args.size))
-        return _run_body(self.shell, cell)
+        filename = _cell_filename(self.shell)
+        running = STATE.current
+        if not args.trace or running is None:
+            return _run_body(self.shell, cell, filename)
+        from .trace import CellTrace
+
+        running.trace = CellTrace(filename)
+        try:
+            return _run_body(self.shell, cell, filename)
+        finally:
+            guard.drain()  # alerts still in flight get the traced top lines too
+            running.trace.stop()
+            running.trace = None
 
 
 def _cell_filename(shell):
@@ -119,14 +148,13 @@ def _cell_filename(shell):
     return found or "<memguard-cell>"
 
 
-def _run_body(shell, body):
+def _run_body(shell, body, filename):
     """Execute a cell magic's body in the user namespace and return its last expression's
     value (so the cell displays it like a normal cell). The body is compiled one line down,
     so its line numbers are the cell's own (line 1 is the %%memguard line)."""
     source = "\n" + shell.transform_cell(body)
     tree = ast.parse(source)
     last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
-    filename = _cell_filename(shell)
     glob, loc = shell.user_global_ns, shell.user_ns
     exec(compile(tree, filename, "exec"), glob, loc)
     if last is not None:

@@ -50,6 +50,7 @@ class Relay:
         self._thread = threading.Thread(target=self._run, name="memguard-relay", daemon=True)
         self.received = 0
         self.bad = 0
+        self.processed = 0  # records handed to on_record and finished (or failed)
 
     def start(self):
         self._thread.start()
@@ -73,6 +74,8 @@ class Relay:
                     self._on_record(self._struct.unpack(msg))
                 except Exception:  # an alert must never kill the relay
                     sys.excepthook(*sys.exc_info())
+                finally:
+                    self.processed += 1
 
     def stop(self):
         """Stop the thread (within ~0.1 s), close the socket and remove the endpoint."""

@@ -36,6 +36,12 @@ def figures(alert):
         parts.append(f"budget {format_size(alert['budget'])}")
     if alert.get("limit"):
         parts.append(f"limit {format_size(alert['limit'])} ({alert.get('limit_source')})")
+    if alert["kind"] == "accumulation":
+        parts.insert(0, f"{alert['count']:,} live blocks, {format_size(alert['retained_bytes'])} "
+                        f"retained")
+    if alert["kind"] == "budget" and alert.get("rss_bytes") is not None:
+        parts.append(f"RSS {format_size(alert['rss_bytes'])}, untracked growth "
+                     f"{format_size(alert['untracked_bytes'])}")
     if alert["kind"] == "sparse_to_dense":
         rows, cols = alert["shape"]
         parts.insert(0, f"{alert['format']} {rows:,}x{cols:,} {alert['dtype']}, "
@@ -45,9 +51,19 @@ def figures(alert):
 
 
 def text(alert):
-    """Two lines for terminals and logs: what happened where, then the figures."""
+    """Two lines for terminals and logs: what happened where, then the figures (plus
+    tracemalloc's top lines for a ``--trace`` cell)."""
     title = _TITLES.get(alert["kind"], alert["kind"])
-    return f"memguard: {title} ({where(alert)}): {alert['message']}\n  {figures(alert)}"
+    out = f"memguard: {title} ({where(alert)}): {alert['message']}\n  {figures(alert)}"
+    for line in _trace_lines(alert):
+        out += f"\n  traced: {line}"
+    return out
+
+
+def _trace_lines(alert):
+    from .trace import format_top
+
+    return format_top(alert.get("trace") or [])
 
 
 def _bar(alert):
@@ -79,8 +95,17 @@ def html_alert(alert):
         f"<b>memguard: {title}</b> <span>({html.escape(where(alert))})</span>"
         f"<div>{html.escape(alert['message'])}</div>"
         f'<div style="font-size:90%">{html.escape(figures(alert))}</div>'
-        f"{_bar(alert)}</div>"
+        f"{_bar(alert)}{_trace_html(alert)}</div>"
     )
+
+
+def _trace_html(alert):
+    lines = _trace_lines(alert)
+    if not lines:
+        return ""
+    items = "".join(f"<li><code>{html.escape(line)}</code></li>" for line in lines)
+    return f'<div style="font-size:90%">tracemalloc, largest first:<ul>{items}</ul></div>'
+
 
 
 def alert_bundle(alert):
