@@ -126,6 +126,16 @@ static PyObject *core_set_user_globals(PyObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+static PyObject *core_set_cell_file(PyObject *self, PyObject *arg)
+{
+    if (arg != Py_None && !PyUnicode_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "set_cell_file expects a str or None");
+        return NULL;
+    }
+    mg_frames_set_cell_file(arg == Py_None ? NULL : arg);
+    Py_RETURN_NONE;
+}
+
 static PyObject *core_cell_line(PyObject *self, PyObject *unused)
 {
     int line = mg_frames_cell_line();
@@ -274,6 +284,9 @@ static PyMethodDef core_methods[] = {
     {"set_user_globals", core_set_user_globals, METH_O,
      "set_user_globals(ns: dict | None) -> None\n\nThe notebook's globals, which mark the "
      "running cell's frames for line attribution."},
+    {"set_cell_file", core_set_cell_file, METH_O,
+     "set_cell_file(filename: str | None) -> None\n\nThe filename IPython compiles the running "
+     "cell under, so threads running the cell's functions are attributed to its lines."},
     {"cell_line", core_cell_line, METH_NOARGS,
      "cell_line() -> int | None\n\n1-based line of the running cell that is executing in "
      "this thread, or None."},

@@ -14,16 +14,21 @@
  * cannot race with them. */
 void mg_frames_set_user_globals(PyObject *globals);
 
+/* Set the filename the running cell's code is compiled under (as IPython's compiler names
+ * it), or NULL when unknown. Keeps a strong reference. GIL held (pre_run_cell). */
+void mg_frames_set_cell_file(PyObject *filename);
+
 /* 1-based line, in the running cell's source, of the innermost frame that belongs to the
  * running cell, or -1 when unknown (this thread does not hold the GIL, no notebook frame
  * is on the stack, the interpreter version has no implementation here).
  *
- * "The running cell" is the outermost frame whose globals are the notebook's: IPython
- * executes a cell's code object with those globals, and every code object compiled from the
- * cell (its functions, comprehensions) shares that frame's co_filename object. A frame of
- * the same filename deeper in the stack is preferred, so a function defined in the cell
- * reports its own line; library frames (numpy, scipy) and functions from earlier cells are
- * skipped outward to the cell's own code.
+ * The innermost frame whose globals are the notebook's and whose filename is the running
+ * cell's (mg_frames_set_cell_file) is the answer, in any thread, so a function defined in
+ * the cell reports its own line, and library frames (numpy, scipy) and functions from
+ * earlier cells are skipped outward to the cell's own code. When the filename is not known
+ * (or not found in this thread), the outermost notebook frame is taken as the cell if it is
+ * module-level code, and its filename is used the same way; a thread that runs only a
+ * function of an earlier cell gets -1 rather than a line of another cell.
  *
  * Hook-safe by exception (../shared/STYLE.md section 3): it calls PyGILState_Check, which
  * reads thread-specific data without allocating, and walks frames only when the calling

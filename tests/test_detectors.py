@@ -211,3 +211,22 @@ def test_detector_rules_are_configurable_and_checked(kernel):
     assert bad.error["ename"] == "ValueError"
     kept = kernel.execute("print(memguard.configure()['accumulation_min_count'])")
     assert kept.stdout.strip() == "5"
+
+
+def test_threads_attribute_to_this_cells_lines_and_never_to_another_cells(kernel):
+    kernel.execute("%memguard budget 1GB")
+    kernel.execute("import numpy as np\n"
+                   "from concurrent.futures import ThreadPoolExecutor\n"
+                   "def old_make(i):\n"
+                   "    return np.ones(12_500_000)  # 100 MB, defined in an earlier cell\n")
+    earlier = kernel.execute("with ThreadPoolExecutor(2) as pool:\n"
+                             "    olds = list(pool.map(old_make, range(4)))\n")
+    acc = last_alert(earlier, "accumulation")
+    assert acc["cell"] == earlier.execution_count and acc["line"] is None
+    code = ("def make(i):\n"
+            "    return np.ones(12_500_000)  # 100 MB\n"
+            "with ThreadPoolExecutor(2) as pool:\n"
+            "    news = list(pool.map(make, range(4)))\n")
+    this = kernel.execute(code)
+    acc = last_alert(this, "accumulation")
+    assert acc["line"] == line_of(code, "np.ones") and acc["count"] == 4

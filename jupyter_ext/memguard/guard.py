@@ -179,8 +179,24 @@ def _begin_cell(info=None):
     cell = Cell(STATE.epoch, count, _current_parent(), time.monotonic(), budget,
                 thread=threading.get_ident())
     STATE.add_cell(cell)
+    STATE.core.set_cell_file(_code_name(info, count))
     STATE.core.cell_begin(cell.epoch, budget)
     return cell
+
+
+def _code_name(info, count):
+    """The filename IPython's compiler will give this cell's code (ipykernel names it after
+    a hash of the raw source), so frames of the cell's functions are recognised in any
+    thread; None when unknown, and attribution then finds the cell from its frames."""
+    raw = getattr(info, "raw_cell", None)
+    get = getattr(getattr(STATE.shell, "compile", None), "get_code_name", None)
+    if raw is None or get is None:
+        return None
+    try:
+        name = get(raw, raw, count or 0)
+    except Exception:  # a compiler of another shape: fall back to the frame rule
+        return None
+    return name if isinstance(name, str) else None
 
 
 def pre_run_cell(info=None):
@@ -208,8 +224,10 @@ def post_run_cell(result=None):
         STATE.count_offset += (cell.count or 0) - count if cell.count is not None else 0
         cell.count = count
     drain()
+    snap = STATE.core.snapshot()
     sites = STATE.core.sites(cell.epoch, 20)
     _finish_accumulation(cell, sites, snap)
+    _finish_budget(cell, snap)
     top = _site_dict(cell, sites[0]) if sites and sites[0][2] > 0 else None
     retained = snap["tracked"] - snap["cell_start"]
     record = {
@@ -217,7 +235,7 @@ def post_run_cell(result=None):
         "cell": cell.count,
         "peak": snap["cell_peak"] - snap["cell_start"],
         "retained": retained,
-        "untracked": (snap["rss"] - snap["rss_cell_start"]) - retained,
+        "untracked": _untracked(snap),
         "rss": snap["rss"],
         "rss_peak": snap["rss_cell_peak"],
         "budget": cell.budget or None,
@@ -311,9 +329,15 @@ def _gap(snap):
     """RSS now, its growth since the cell began, and the part of that growth no hook
     counted (bytes); see alerts.budget_alert."""
     rss_growth = snap["rss"] - snap["rss_cell_start"]
-    tracked_growth = snap["tracked"] - snap["cell_start"]
     return {"rss_bytes": snap["rss"], "rss_growth": rss_growth,
-            "untracked_bytes": rss_growth - tracked_growth}
+            "untracked_bytes": _untracked(snap)}
+
+
+def _untracked(snap):
+    """RSS growth minus tracked growth since the cell began, in bytes, never below 0: tracked
+    blocks whose pages were not written yet (np.empty, a result being filled) are not in RSS
+    yet, which would make the difference negative without meaning anything."""
+    return max(0, (snap["rss"] - snap["rss_cell_start"]) - (snap["tracked"] - snap["cell_start"]))
 
 
 def _running_line(cell):
@@ -374,6 +398,24 @@ def _publish_accumulation(cell, line, count, retained, snap=None):
     alert = alerts.accumulation_alert(STATE, cell, line, count, retained, max(peak, retained),
                                       budget, STATE.core.sites_config())
     _publish(cell, alert, ("accumulation", alert["line"]))
+
+
+def _finish_budget(cell, snap):
+    """At the end of a cell, bring its budget alert to the final peak (and untracked gap),
+    which the monitor only reports in steps of MG_GROW_STEP."""
+    with STATE.lock:
+        alert = next((a for a in cell.alerts if a.get("_cause") == ALERT_CAUSE_BUDGET), None)
+    if alert is None:
+        return
+    tracked_peak = snap["cell_peak"] - snap["cell_start"]
+    rss_peak = snap["rss_cell_peak"] - snap["rss_cell_start"]
+    peak = max(tracked_peak, rss_peak if alert.get("_by_rss") else 0)
+    if peak <= alert["peak"] and _untracked(snap) <= alert.get("untracked_bytes", 0):
+        return
+    core = STATE.core
+    kind = core.KIND_BUDGET_GROW
+    _on_record((core.WIRE_VERSION, kind, cell.epoch, alert["line"] or -1, 0, 0, peak, peak,
+                snap["budget"], 0.0))
 
 
 def _finish_accumulation(cell, sites, snap):
