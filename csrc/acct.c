@@ -3,6 +3,7 @@
 #include <stdatomic.h>
 
 #include "mg_acct.h"
+#include "mg_rss.h"
 
 /* Written by mg_acct_set_enabled (release); read by hooks (relaxed). */
 static _Atomic int s_enabled = 0;
@@ -19,6 +20,19 @@ static _Atomic int64_t s_cell_peak = 0;
 /* Set by the first hook that crosses the budget in a cell (exchange, acq_rel), so exactly
  * one allocation reports the crossing; cleared by cell_begin/set_budget. */
 static _Atomic int s_crossed = 0;
+/* Written by setters (relaxed, GIL held); read by hooks and the monitor (relaxed). */
+static _Atomic int s_raise = 0;
+static _Atomic int64_t s_limit = 0;
+static _Atomic int s_limit_measure = MG_MEASURE_RSS;
+static _Atomic int64_t s_limit_ppm = 900000; /* alert fraction in millionths (0.9) */
+/* The last refusal: fields written by the refusing hook (relaxed), then s_ref_count
+ * (release); Python reads s_ref_count (acquire), then the fields. Two refusals racing in
+ * two threads may mix fields; the message is then about one of them. */
+static _Atomic uint64_t s_ref_count = 0;
+static _Atomic int64_t s_ref_bytes = 0;
+static _Atomic int s_ref_reason = 0;
+static _Atomic int32_t s_ref_line = -1;
+static _Atomic int64_t s_ref_epoch = 0;
 
 void mg_acct_set_enabled(int enabled)
 {
@@ -108,6 +122,68 @@ void mg_acct_snapshot(mg_acct_snapshot_t *out)
     out->budget = atomic_load_explicit(&s_budget, memory_order_relaxed);
     out->epoch = atomic_load_explicit(&s_epoch, memory_order_acquire);
     out->crossed = atomic_load_explicit(&s_crossed, memory_order_relaxed);
+}
+
+void mg_acct_set_raise(int on)
+{
+    atomic_store_explicit(&s_raise, on ? 1 : 0, memory_order_relaxed);
+}
+
+MG_HOOKSAFE int mg_acct_raise(void)
+{
+    return atomic_load_explicit(&s_raise, memory_order_relaxed);
+}
+
+void mg_acct_set_limit(int64_t bytes, int measure, double fraction)
+{
+    atomic_store_explicit(&s_limit_measure, measure, memory_order_relaxed);
+    atomic_store_explicit(&s_limit_ppm, (int64_t)(fraction * 1e6 + 0.5), memory_order_relaxed);
+    atomic_store_explicit(&s_limit, bytes > 0 ? bytes : 0, memory_order_relaxed);
+}
+
+void mg_acct_get_limit(int64_t *bytes, int *measure, double *fraction)
+{
+    *bytes = atomic_load_explicit(&s_limit, memory_order_relaxed);
+    *measure = atomic_load_explicit(&s_limit_measure, memory_order_relaxed);
+    *fraction = (double)atomic_load_explicit(&s_limit_ppm, memory_order_relaxed) / 1e6;
+}
+
+MG_HOOKSAFE mg_refusal_t mg_acct_check_request(size_t n)
+{
+    int64_t budget = atomic_load_explicit(&s_budget, memory_order_relaxed);
+    int64_t limit = atomic_load_explicit(&s_limit, memory_order_relaxed);
+
+    if (budget > 0 && atomic_load_explicit(&s_raise, memory_order_relaxed) &&
+        mg_acct_cell_usage() + (int64_t)n > budget)
+        return MG_REFUSE_BUDGET;
+    if (limit > 0) {
+        int m = atomic_load_explicit(&s_limit_measure, memory_order_relaxed);
+        int64_t used = mg_rss_used((mg_measure_t)m);
+
+        /* used is 0 until the first sample: then only a request beyond the whole limit. */
+        if (used + (int64_t)n > limit)
+            return MG_REFUSE_LIMIT;
+    }
+    return MG_REFUSE_NONE;
+}
+
+MG_HOOKSAFE void mg_acct_note_refusal(size_t n, mg_refusal_t reason, int32_t line)
+{
+    atomic_store_explicit(&s_ref_bytes, (int64_t)n, memory_order_relaxed);
+    atomic_store_explicit(&s_ref_reason, (int)reason, memory_order_relaxed);
+    atomic_store_explicit(&s_ref_line, line, memory_order_relaxed);
+    atomic_store_explicit(&s_ref_epoch, atomic_load_explicit(&s_epoch, memory_order_relaxed),
+                          memory_order_relaxed);
+    atomic_fetch_add_explicit(&s_ref_count, 1, memory_order_release);
+}
+
+void mg_acct_refusal(mg_acct_refusal_t *out)
+{
+    out->count = atomic_load_explicit(&s_ref_count, memory_order_acquire);
+    out->bytes = atomic_load_explicit(&s_ref_bytes, memory_order_relaxed);
+    out->reason = atomic_load_explicit(&s_ref_reason, memory_order_relaxed);
+    out->line = atomic_load_explicit(&s_ref_line, memory_order_relaxed);
+    out->epoch = atomic_load_explicit(&s_ref_epoch, memory_order_relaxed);
 }
 
 void mg_acct_reset(void)

@@ -2,6 +2,7 @@
  * above the attribution threshold into mg_sites with their cell line, and a budget event
  * into the ring on the first crossing in a cell. Any thread, with or without the GIL. */
 #include <malloc.h>
+#include <stdatomic.h>
 
 #include "mg_acct.h"
 #include "mg_frames.h"
@@ -12,9 +13,52 @@
 /* Line not read yet: mg_frames_cell_line returns -1 for "unknown", never -2. */
 #define LINE_UNREAD (-2)
 
-MG_HOOKSAFE void mg_hooks_count_alloc(mg_domain_t d, size_t n, void *p)
+/* The epoch in which a request beyond the limit was last flagged (warn mode), so it is
+ * flagged once per cell. Hooks (CAS). */
+static _Atomic int64_t s_flagged_epoch = 0;
+
+static void hooks_push(uint32_t kind, int32_t line, int64_t bytes, int64_t count)
 {
     mg_event_t ev;
+
+    ev.kind = kind;
+    ev.line = line;
+    ev.epoch = mg_acct_epoch();
+    ev.bytes = bytes;
+    ev.usage = mg_acct_cell_usage();
+    ev.count = count;
+    ev.t = mg_ring_now();
+    (void)mg_ring_push(&ev); /* a full ring counts the drop itself */
+}
+
+MG_HOOKSAFE int mg_hooks_refuse(int was, size_t n)
+{
+    mg_refusal_t why;
+    int32_t line;
+
+    if (was || !mg_acct_enabled())
+        return 0;
+    why = mg_acct_check_request(n);
+    if (why == MG_REFUSE_NONE)
+        return 0;
+    line = mg_frames_cell_line();
+    if (why == MG_REFUSE_LIMIT && !mg_acct_raise()) {
+        int64_t epoch = mg_acct_epoch();
+        int64_t seen = atomic_load_explicit(&s_flagged_epoch, memory_order_relaxed);
+
+        if (seen != epoch && atomic_compare_exchange_strong_explicit(
+                                 &s_flagged_epoch, &seen, epoch, memory_order_relaxed,
+                                 memory_order_relaxed))
+            hooks_push(MG_KIND_LIMIT_REQUEST, line, (int64_t)n, 0);
+        return 0;
+    }
+    mg_acct_note_refusal(n, why, line);
+    hooks_push(MG_KIND_REFUSED, line, (int64_t)n, (int64_t)why);
+    return 1;
+}
+
+MG_HOOKSAFE void mg_hooks_count_alloc(mg_domain_t d, size_t n, void *p)
+{
     int line = LINE_UNREAD;
     int crossed = mg_acct_alloc(d, n);
 
@@ -27,14 +71,7 @@ MG_HOOKSAFE void mg_hooks_count_alloc(mg_domain_t d, size_t n, void *p)
     if (!crossed)
         return;
     /* Rarer still: once per cell. */
-    ev.kind = MG_KIND_BUDGET;
-    ev.line = line == LINE_UNREAD ? mg_frames_cell_line() : line;
-    ev.epoch = mg_acct_epoch();
-    ev.bytes = (int64_t)n;
-    ev.usage = mg_acct_cell_usage();
-    ev.count = 0;
-    ev.t = mg_ring_now();
-    (void)mg_ring_push(&ev); /* a full ring counts the drop itself */
+    hooks_push(MG_KIND_BUDGET, line == LINE_UNREAD ? mg_frames_cell_line() : line, (int64_t)n, 0);
 }
 
 MG_HOOKSAFE void mg_hooks_count_free(mg_domain_t d, size_t n, void *p)

@@ -1,6 +1,8 @@
 /* Owns the NEP 49 data-memory handler "memguard" that wraps NumPy's default handler.
  * NumPy calls it from any thread that creates or frees arrays; install runs with the GIL. */
 #include <Python.h>
+#include <malloc.h>
+#include <stdint.h>
 #include <string.h>
 
 #define NPY_NO_DEPRECATED_API NPY_1_22_API_VERSION
@@ -27,7 +29,13 @@ static void *np_malloc(void *ctx, size_t n)
 {
     PyDataMemAllocator *prev = ctx;
     int was = mg_guard_enter();
-    void *p = prev->malloc(prev->ctx, n);
+    void *p;
+
+    if (mg_hooks_refuse(was, n)) {
+        mg_guard_leave(was);
+        return NULL; /* raise mode: NumPy turns this into MemoryError */
+    }
+    p = prev->malloc(prev->ctx, n);
 
     mg_hooks_after_alloc(was, MG_DOMAIN_NUMPY, p);
     mg_guard_leave(was);
@@ -38,7 +46,14 @@ static void *np_calloc(void *ctx, size_t nelem, size_t elsize)
 {
     PyDataMemAllocator *prev = ctx;
     int was = mg_guard_enter();
-    void *p = prev->calloc(prev->ctx, nelem, elsize);
+    void *p;
+
+    /* An overflowing product is left to calloc, which fails it. */
+    if ((elsize == 0 || nelem <= SIZE_MAX / elsize) && mg_hooks_refuse(was, nelem * elsize)) {
+        mg_guard_leave(was);
+        return NULL;
+    }
+    p = prev->calloc(prev->ctx, nelem, elsize);
 
     mg_hooks_after_alloc(was, MG_DOMAIN_NUMPY, p);
     mg_guard_leave(was);
@@ -50,9 +65,16 @@ static void *np_realloc(void *ctx, void *ptr, size_t n)
     PyDataMemAllocator *prev = ctx;
     int was = mg_guard_enter();
     int count = mg_hooks_counting(was);
-    size_t old = mg_hooks_realloc_old(count, ptr);
-    void *p = prev->realloc(prev->ctx, ptr, n);
+    size_t cur = (count && ptr != NULL) ? malloc_usable_size(ptr) : 0;
+    size_t old;
+    void *p;
 
+    if (count && n > cur && mg_hooks_refuse(was, n - cur)) {
+        mg_guard_leave(was);
+        return NULL; /* the old block stays valid, as after a failed realloc */
+    }
+    old = mg_hooks_realloc_old(count, ptr);
+    p = prev->realloc(prev->ctx, ptr, n);
     mg_hooks_after_realloc(count, MG_DOMAIN_NUMPY, old, p);
     mg_guard_leave(was);
     return p;

@@ -100,7 +100,7 @@ static PyObject *core_snapshot(PyObject *self, PyObject *unused)
     mg_rss_snapshot(&r);
     if (rss < 0)
         rss = r.last;
-    return Py_BuildValue("{sLsLsLsLsLsLsLsLsLsisLsLsL}",
+    return Py_BuildValue("{sLsLsLsLsLsLsLsLsLsisLsLsLsLsLsi}",
                          "tracked", (long long)s.tracked,
                          "raw", (long long)s.domain[MG_DOMAIN_RAW],
                          "arena", (long long)s.domain[MG_DOMAIN_ARENA],
@@ -113,7 +113,10 @@ static PyObject *core_snapshot(PyObject *self, PyObject *unused)
                          "crossed", s.crossed,
                          "rss", (long long)rss,
                          "rss_cell_start", (long long)r.cell_start,
-                         "rss_cell_peak", (long long)(rss > r.cell_peak ? rss : r.cell_peak));
+                         "rss_cell_peak", (long long)(rss > r.cell_peak ? rss : r.cell_peak),
+                         "vm", (long long)r.vm,
+                         "cgroup", (long long)r.cgroup,
+                         "raise", mg_acct_raise());
 }
 
 static PyObject *core_set_user_globals(PyObject *self, PyObject *arg)
@@ -143,6 +146,47 @@ static PyObject *core_cell_line(PyObject *self, PyObject *unused)
     if (line < 1)
         Py_RETURN_NONE;
     return PyLong_FromLong(line);
+}
+
+static PyObject *core_set_raise(PyObject *self, PyObject *arg)
+{
+    int on = PyObject_IsTrue(arg);
+
+    if (on < 0)
+        return NULL;
+    mg_acct_set_raise(on);
+    Py_RETURN_NONE;
+}
+
+static PyObject *core_set_limit(PyObject *self, PyObject *args)
+{
+    long long bytes;
+    int measure;
+    double fraction;
+    const char *cgroup_file = NULL;
+
+    if (!PyArg_ParseTuple(args, "Lid|z:set_limit", &bytes, &measure, &fraction, &cgroup_file))
+        return NULL;
+    if (bytes < 0 || measure < MG_MEASURE_RSS || measure > MG_MEASURE_CGROUP ||
+        !(fraction > 0.0 && fraction <= 1.0)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "set_limit(bytes >= 0, measure in MEASURE_*, 0 < fraction <= 1)");
+        return NULL;
+    }
+    if (mg_rss_set_cgroup_file(cgroup_file) < 0)
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, cgroup_file);
+    mg_acct_set_limit((int64_t)bytes, measure, fraction);
+    Py_RETURN_NONE;
+}
+
+static PyObject *core_refusal(PyObject *self, PyObject *unused)
+{
+    mg_acct_refusal_t r;
+
+    mg_acct_refusal(&r);
+    return Py_BuildValue("{sKsLsisisL}", "count", (unsigned long long)r.count,
+                         "bytes", (long long)r.bytes, "reason", r.reason, "line", (int)r.line,
+                         "epoch", (long long)r.epoch);
 }
 
 static PyObject *core_sites(PyObject *self, PyObject *args, PyObject *kwargs)
@@ -301,6 +345,18 @@ static PyMethodDef core_methods[] = {
      "no_budget_bytes=None) -> dict\n\nSet (any given) and return the attribution threshold "
      "(bytes) and the accumulation rule, plus table stats (dropped, sites, blocks). Raises "
      "ValueError for threshold < 4096, min_count < 1, a fraction outside (0, 1]."},
+    {"set_raise", core_set_raise, METH_O,
+     "set_raise(on: bool) -> None\n\nraise mode: NumPy allocations that would take the cell "
+     "over its budget, or the process over its limit, fail (NumPy raises MemoryError)."},
+    {"set_limit", core_set_limit, METH_VARARGS,
+     "set_limit(bytes: int, measure: int, fraction: float, cgroup_file: str | None = None) "
+     "-> None\n\nThe effective limit in bytes (0 = none), what it is compared with "
+     "(MEASURE_RSS, MEASURE_VM, MEASURE_CGROUP; the cgroup usage file for the last) and the "
+     "fraction at which the limit alert fires. Raises ValueError, or OSError if the file "
+     "cannot be opened."},
+    {"refusal", core_refusal, METH_NOARGS,
+     "refusal() -> dict\n\nThe last allocation raise mode refused: count (refusals so far), "
+     "bytes, reason (REFUSE_BUDGET or REFUSE_LIMIT), line (-1 if unknown), epoch."},
     {"relay_start", core_relay_start, METH_VARARGS,
      "relay_start(endpoint: str, period_ms: int = 2) -> None\n\nConnect a PUSH socket to "
      "endpoint and start the monitor thread. Raises OSError (EALREADY if running) or "
@@ -352,7 +408,15 @@ PyMODINIT_FUNC PyInit__core(void)
         PyModule_AddIntConstant(m, "KIND_BUDGET_GROW", MG_KIND_BUDGET_GROW) < 0 ||
         PyModule_AddIntConstant(m, "KIND_ACCUMULATION", MG_KIND_ACCUMULATION) < 0 ||
         PyModule_AddIntConstant(m, "KIND_ACCUMULATION_GROW", MG_KIND_ACCUMULATION_GROW) < 0 ||
-        PyModule_AddIntConstant(m, "KIND_BUDGET_RSS", MG_KIND_BUDGET_RSS) < 0) {
+        PyModule_AddIntConstant(m, "KIND_BUDGET_RSS", MG_KIND_BUDGET_RSS) < 0 ||
+        PyModule_AddIntConstant(m, "KIND_REFUSED", MG_KIND_REFUSED) < 0 ||
+        PyModule_AddIntConstant(m, "KIND_LIMIT", MG_KIND_LIMIT) < 0 ||
+        PyModule_AddIntConstant(m, "KIND_LIMIT_REQUEST", MG_KIND_LIMIT_REQUEST) < 0 ||
+        PyModule_AddIntConstant(m, "REFUSE_BUDGET", MG_REFUSE_BUDGET) < 0 ||
+        PyModule_AddIntConstant(m, "REFUSE_LIMIT", MG_REFUSE_LIMIT) < 0 ||
+        PyModule_AddIntConstant(m, "MEASURE_RSS", MG_MEASURE_RSS) < 0 ||
+        PyModule_AddIntConstant(m, "MEASURE_VM", MG_MEASURE_VM) < 0 ||
+        PyModule_AddIntConstant(m, "MEASURE_CGROUP", MG_MEASURE_CGROUP) < 0) {
         Py_DECREF(m);
         return NULL;
     }

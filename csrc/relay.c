@@ -72,6 +72,8 @@ static void *relay_main(void *arg)
     int32_t alerted_line = -1;
     int64_t last_usage = 0;    /* the figure in the last record for alerted_epoch */
     int by_rss = 0;            /* that alert came from the RSS rule: follow RSS growth */
+    int64_t limit_epoch = -1;  /* the cell that got the last limit record */
+    int64_t limit_last = 0;    /* the measure in that record, bytes */
     unsigned tick = 0;
 
     (void)arg;
@@ -90,8 +92,25 @@ static void *relay_main(void *arg)
             }
         }
         mg_acct_snapshot(&snap);
-        if (tick++ % MG_RSS_EVERY == 0 && mg_rss_sample() >= 0 && snap.budget > 0 &&
-            !snap.crossed) {
+        if (tick % MG_RSS_EVERY == 0 && mg_rss_sample() >= 0) {
+            int64_t limit;
+            int measure;
+            double fraction;
+            int64_t used;
+
+            mg_acct_get_limit(&limit, &measure, &fraction);
+            used = mg_rss_used((mg_measure_t)measure);
+            /* The limit rule: once per cell when the measure passes the fraction, then an
+             * update each time it grows by another MG_LIMIT_STEP of the limit. */
+            if (limit > 0 && (double)used >= (double)limit * fraction &&
+                (limit_epoch != snap.epoch ||
+                 (double)(used - limit_last) >= (double)limit * MG_LIMIT_STEP)) {
+                relay_send(MG_KIND_LIMIT, snap.epoch, -1, used, used, measure, mg_ring_now());
+                limit_epoch = snap.epoch;
+                limit_last = used;
+            }
+        }
+        if (tick++ % MG_RSS_EVERY == 0 && snap.budget > 0 && !snap.crossed) {
             mg_rss_snapshot_t rss;
             int64_t grown;
 

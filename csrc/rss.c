@@ -14,6 +14,12 @@ static _Atomic int s_fd = -1;
 static _Atomic int64_t s_last = 0;
 static _Atomic int64_t s_cell_start = 0;
 static _Atomic int64_t s_cell_peak = 0;
+static _Atomic int64_t s_vm_last = 0;
+static _Atomic int64_t s_cg_last = 0;
+/* The cgroup usage file: set by mg_rss_set_cgroup_file (exchange, GIL held), read by the
+ * monitor. The old descriptor is closed only when no sample can be using it... which we
+ * cannot know without a lock, so a replaced descriptor is leaked (it happens once per load). */
+static _Atomic int s_cg_fd = -1;
 
 static int rss_fd(void)
 {
@@ -32,13 +38,15 @@ static int rss_fd(void)
     return fd;
 }
 
-int64_t mg_rss_read(void)
+/* Parse the first two fields of /proc/self/statm (size, resident; in pages). */
+static int rss_read_statm(int64_t *vm, int64_t *rss)
 {
     char buf[128];
     ssize_t n;
     int fd = rss_fd();
-    const char *c;
-    int64_t pages = 0;
+    const char *c = buf;
+    int64_t pages[2] = {0, 0};
+    int64_t page = (int64_t)sysconf(_SC_PAGESIZE);
 
     if (fd < 0)
         return -1;
@@ -49,25 +57,85 @@ int64_t mg_rss_read(void)
         return -1;
     }
     buf[n] = '\0';
-    /* "size resident shared text lib data dt", in pages */
-    for (c = buf; *c != '\0' && *c != ' '; c++)
-        ;
-    if (*c != ' ') {
-        errno = EIO;
-        return -1;
+    for (int i = 0; i < 2; i++) {
+        if (*c < '0' || *c > '9') {
+            errno = EIO;
+            return -1;
+        }
+        for (; *c >= '0' && *c <= '9'; c++)
+            pages[i] = pages[i] * 10 + (*c - '0');
+        if (*c == ' ')
+            c++;
     }
-    for (c++; *c >= '0' && *c <= '9'; c++)
-        pages = pages * 10 + (*c - '0');
-    return pages * (int64_t)sysconf(_SC_PAGESIZE);
+    *vm = pages[0] * page;
+    *rss = pages[1] * page;
+    return 0;
+}
+
+int64_t mg_rss_read(void)
+{
+    int64_t vm;
+    int64_t rss;
+
+    return rss_read_statm(&vm, &rss) < 0 ? -1 : rss;
+}
+
+/* A decimal number of bytes from the cgroup usage file, or -1. */
+static int64_t rss_read_cgroup(void)
+{
+    char buf[32];
+    int fd = atomic_load_explicit(&s_cg_fd, memory_order_acquire);
+    ssize_t n;
+    int64_t v = 0;
+
+    if (fd < 0)
+        return -1;
+    n = pread(fd, buf, sizeof(buf) - 1, 0);
+    if (n <= 0)
+        return -1;
+    buf[n] = '\0';
+    for (const char *c = buf; *c >= '0' && *c <= '9'; c++)
+        v = v * 10 + (*c - '0');
+    return v;
+}
+
+int mg_rss_set_cgroup_file(const char *path)
+{
+    int fd = -1;
+
+    if (path != NULL) {
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+            return -1;
+    }
+    (void)atomic_exchange_explicit(&s_cg_fd, fd, memory_order_acq_rel);
+    return 0;
+}
+
+MG_HOOKSAFE int64_t mg_rss_used(mg_measure_t m)
+{
+    switch (m) {
+    case MG_MEASURE_VM:
+        return atomic_load_explicit(&s_vm_last, memory_order_relaxed);
+    case MG_MEASURE_CGROUP:
+        return atomic_load_explicit(&s_cg_last, memory_order_relaxed);
+    default:
+        return atomic_load_explicit(&s_last, memory_order_relaxed);
+    }
 }
 
 int64_t mg_rss_sample(void)
 {
-    int64_t now = mg_rss_read();
+    int64_t vm;
+    int64_t now;
+    int64_t cg = rss_read_cgroup();
     int64_t peak;
 
-    if (now < 0)
+    if (cg >= 0)
+        atomic_store_explicit(&s_cg_last, cg, memory_order_relaxed);
+    if (rss_read_statm(&vm, &now) < 0)
         return -1;
+    atomic_store_explicit(&s_vm_last, vm, memory_order_relaxed);
     atomic_store_explicit(&s_last, now, memory_order_relaxed);
     peak = atomic_load_explicit(&s_cell_peak, memory_order_relaxed);
     while (now > peak && !atomic_compare_exchange_weak_explicit(
@@ -80,10 +148,17 @@ int64_t mg_rss_sample(void)
 
 void mg_rss_cell_begin(void)
 {
-    int64_t now = mg_rss_read();
+    int64_t vm;
+    int64_t now;
+    int64_t cg = rss_read_cgroup();
 
-    if (now < 0)
+    if (cg >= 0)
+        atomic_store_explicit(&s_cg_last, cg, memory_order_relaxed);
+    if (rss_read_statm(&vm, &now) < 0) {
         now = atomic_load_explicit(&s_last, memory_order_relaxed);
+    } else {
+        atomic_store_explicit(&s_vm_last, vm, memory_order_relaxed);
+    }
     atomic_store_explicit(&s_last, now, memory_order_relaxed);
     atomic_store_explicit(&s_cell_start, now, memory_order_relaxed);
     atomic_store_explicit(&s_cell_peak, now, memory_order_relaxed);
@@ -94,6 +169,8 @@ void mg_rss_snapshot(mg_rss_snapshot_t *out)
     out->last = atomic_load_explicit(&s_last, memory_order_relaxed);
     out->cell_start = atomic_load_explicit(&s_cell_start, memory_order_relaxed);
     out->cell_peak = atomic_load_explicit(&s_cell_peak, memory_order_relaxed);
+    out->vm = atomic_load_explicit(&s_vm_last, memory_order_relaxed);
+    out->cgroup = atomic_load_explicit(&s_cg_last, memory_order_relaxed);
 }
 
 void mg_rss_atfork_child(void)
@@ -103,3 +180,4 @@ void mg_rss_atfork_child(void)
     if (fd >= 0)
         close(fd);
 }
+

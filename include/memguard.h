@@ -33,6 +33,16 @@ typedef enum mg_kind {
     MG_KIND_ACCUMULATION = 3,      /* a site met the accumulation rule (mg_sites.h) */
     MG_KIND_ACCUMULATION_GROW = 4, /* an alerted site grew by >= MG_GROW_STEP since its last */
     MG_KIND_BUDGET_RSS = 5,        /* the cell's RSS growth crossed its budget first (mg_rss.h) */
+    MG_KIND_REFUSED = 6,           /* raise mode: an allocation was refused (count = reason) */
+    MG_KIND_LIMIT = 7,             /* the limit's measure passed its alert fraction (monitor) */
+    MG_KIND_LIMIT_REQUEST = 8,     /* one allocation asked for more than is left under the limit */
 } mg_kind_t;
+
+/* Why raise mode refused an allocation (MG_KIND_REFUSED's count, mg_acct_refusal). */
+typedef enum mg_refusal {
+    MG_REFUSE_NONE = 0,
+    MG_REFUSE_BUDGET = 1, /* the cell's usage plus the request exceeds its budget */
+    MG_REFUSE_LIMIT = 2,  /* the limit's measure plus the request exceeds the limit */
+} mg_refusal_t;
 
 #endif /* MEMGUARD_MEMGUARD_H */

@@ -62,6 +62,36 @@ void mg_acct_set_budget(int64_t budget);
 /* Fill *out. Any thread. */
 void mg_acct_snapshot(mg_acct_snapshot_t *out);
 
+/* raise mode: 1 makes hooks refuse NumPy allocations that would cross the budget or the
+ * limit (mg_acct_check_request), 0 (warn) only alerts. Any thread. */
+void mg_acct_set_raise(int on);
+MG_HOOKSAFE int mg_acct_raise(void);
+
+/* The effective limit in bytes (0 = none), the measure compared with it (mg_measure_t in
+ * mg_rss.h) and the fraction of it at which the monitor sends MG_KIND_LIMIT (0 < f <= 1).
+ * Any thread. */
+void mg_acct_set_limit(int64_t bytes, int measure, double fraction);
+void mg_acct_get_limit(int64_t *bytes, int *measure, double *fraction);
+
+/* Judge a request of n bytes before it is made: MG_REFUSE_BUDGET when raise mode is on and
+ * the cell's usage + n exceeds its budget, MG_REFUSE_LIMIT when the limit's latest sample +
+ * n exceeds the limit (in any mode: the caller refuses only in raise mode, and otherwise
+ * flags it), else MG_REFUSE_NONE. Budget first: it is the user's own setting. Hook-safe. */
+MG_HOOKSAFE mg_refusal_t mg_acct_check_request(size_t n);
+
+/* The last refused request, for the MemoryError message: how many refusals so far (a
+ * counter, so Python can tell a new one), its bytes, reason, line and epoch. Written by the
+ * refusing hook (relaxed stores, count last with release); read by Python (acquire). */
+typedef struct mg_acct_refusal {
+    uint64_t count;
+    int64_t bytes;
+    int reason;     /* mg_refusal_t */
+    int32_t line;   /* -1 if unknown */
+    int64_t epoch;
+} mg_acct_refusal_t;
+MG_HOOKSAFE void mg_acct_note_refusal(size_t n, mg_refusal_t reason, int32_t line);
+void mg_acct_refusal(mg_acct_refusal_t *out);
+
 /* Zero every counter (tests and first install). Not to be called while hooks count. */
 void mg_acct_reset(void);
 

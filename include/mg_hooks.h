@@ -15,6 +15,15 @@
  * running cell cross its budget, push an MG_KIND_BUDGET event to the ring. Hook-safe. */
 MG_HOOKSAFE void mg_hooks_count_alloc(mg_domain_t d, size_t n, void *p);
 
+/* Decide, before a NumPy allocation of n bytes is made, whether it must fail: in raise
+ * mode, when it would take the cell over its budget or the process over its limit
+ * (mg_acct_check_request); the refusal is recorded (mg_acct_note_refusal, for the
+ * MemoryError message) and an MG_KIND_REFUSED event pushed. In warn mode a request beyond
+ * the limit is flagged (MG_KIND_LIMIT_REQUEST, once per cell) and allowed. Returns 1 to
+ * refuse. Only for allocations whose callers handle NULL (NumPy raises MemoryError).
+ * `was` as from mg_guard_enter: nested calls are never refused. Hook-safe. */
+MG_HOOKSAFE int mg_hooks_refuse(int was, size_t n);
+
 /* Count the free of p, n bytes in domain d, and take it off its site. Call before the real
  * free. Hook-safe. */
 MG_HOOKSAFE void mg_hooks_count_free(mg_domain_t d, size_t n, void *p);

@@ -38,12 +38,17 @@ typedef struct mg_wire {
 /* The monitor samples RSS every MG_RSS_EVERY polls (10 ms at the default 2 ms period):
  * often enough to follow growth, rare enough to cost nothing measurable (one pread). */
 #define MG_RSS_EVERY 5
+/* After the first MG_KIND_LIMIT record of a cell, another is sent each time the measure has
+ * grown by this fraction of the limit (so the alert is updated in place, not repeated). */
+#define MG_LIMIT_STEP 0.02
 
 /* Connect a PUSH socket (its own libzmq context) to endpoint (e.g. "ipc:///tmp/x/relay")
  * and start the monitor thread, which polls every period_ms milliseconds (1-1000): it
  * forwards ring events, sends growth updates, samples RSS and applies the RSS budget rule
  * (a cell whose RSS grew by more than its budget before its tracked usage did gets an
- * MG_KIND_BUDGET_RSS record: memory from native code the hooks cannot see).
+ * MG_KIND_BUDGET_RSS record: memory from native code the hooks cannot see) and the limit
+ * rule (MG_KIND_LIMIT when the limit's measure passes its alert fraction; count = the
+ * mg_measure_t, bytes = usage = the measure).
  * Returns 0; -1 with errno = EALREADY if running, EINVAL for a bad period, or the errno
  * libzmq or pthread_create set. GIL held (or no Python at all, in the C tests). */
 int mg_relay_start(const char *endpoint, int period_ms);

@@ -1,6 +1,7 @@
-/* The process's resident set size (csrc/rss.c): read from /proc/self/statm, sampled by the
- * monitor thread, and remembered per cell (start, peak) so the untracked gap (RSS growth
- * that no hook counted) can be reported. Any thread; never from an allocator hook. */
+/* Memory samples (csrc/rss.c): the process's resident set size and address-space size from
+ * /proc/self/statm, and its cgroup's usage; sampled by the monitor thread, RSS remembered
+ * per cell (start, peak) so the untracked gap (RSS growth no hook counted) can be reported,
+ * and the latest samples read by hooks (atomics only) to check the machine's limit. */
 #ifndef MEMGUARD_MG_RSS_H
 #define MEMGUARD_MG_RSS_H
 
@@ -14,17 +15,39 @@
  * thread; not async-signal-safe on first use (it opens the file). */
 int64_t mg_rss_read(void);
 
-/* Read RSS and record it as the latest sample, raising the cell's RSS peak. Returns the
- * sample (bytes) or -1. The monitor thread. */
+/* Read RSS, the address-space size and the cgroup usage, and record them as the latest
+ * samples, raising the cell's RSS peak. Returns the RSS sample (bytes) or -1. The monitor
+ * thread. */
 int64_t mg_rss_sample(void);
 
-/* Start a cell: the cell's RSS start and peak become RSS now. GIL held (pre_run_cell). */
+/* Start a cell: the cell's RSS start and peak become RSS now; the address-space and cgroup
+ * samples are refreshed too. GIL held (pre_run_cell). */
 void mg_rss_cell_begin(void);
+
+/* What the effective limit is compared with: RSS for physical RAM, the address-space size
+ * for RLIMIT_AS (which limits exactly that, setrlimit(2)), the cgroup's usage file
+ * (memory.current / memory.usage_in_bytes) for a cgroup limit. */
+typedef enum mg_measure {
+    MG_MEASURE_RSS = 0,
+    MG_MEASURE_VM = 1,
+    MG_MEASURE_CGROUP = 2,
+} mg_measure_t;
+
+/* Use the cgroup usage file at path (opened once, read with pread) for MG_MEASURE_CGROUP;
+ * NULL stops reading it. Returns 0, or -1 with errno from open(2). GIL held; the monitor
+ * picks the new descriptor up at its next sample. */
+int mg_rss_set_cgroup_file(const char *path);
+
+/* The latest sample of measure m in bytes (0 before the first sample or when the cgroup
+ * file is unreadable). Hook-safe: one relaxed atomic load. */
+MG_HOOKSAFE int64_t mg_rss_used(mg_measure_t m);
 
 typedef struct mg_rss_snapshot {
     int64_t last;       /* latest sample, bytes (0 before the first) */
     int64_t cell_start; /* RSS when the cell began, bytes */
     int64_t cell_peak;  /* highest sample since then, bytes */
+    int64_t vm;         /* latest address-space size sample, bytes */
+    int64_t cgroup;     /* latest cgroup usage sample, bytes (0 if none) */
 } mg_rss_snapshot_t;
 
 void mg_rss_snapshot(mg_rss_snapshot_t *out);

@@ -5,11 +5,15 @@ between tests) with memguard loaded; ``bare_kernel`` is one without it. Every wa
 explicit timeout (ipykernel's tests/utils.py does the same).
 """
 
+import json
 import os
+import sys
+import tempfile
 import time
 
 import pytest
-from jupyter_client.manager import start_new_kernel
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import KernelManager, start_new_kernel
 
 ALERT_MIME = "application/vnd.memguard.alert+json"
 TIMEOUT = 120  # seconds for one cell
@@ -61,9 +65,27 @@ class Execution:
 
 
 class Kernel:
-    def __init__(self, env=None):
+    """A real ipykernel. ``prefix``: a command put before the kernel's own (e.g.
+    ``["prlimit", "--as=6442450944", "--"]``), through a temporary kernelspec."""
+
+    def __init__(self, env=None, prefix=None):
         kw = {"env": {**os.environ, **env}} if env else {}
-        self.km, self.kc = start_new_kernel(kernel_name="python3", startup_timeout=60, **kw)
+        if prefix is None:
+            self.km, self.kc = start_new_kernel(kernel_name="python3", startup_timeout=60, **kw)
+            return
+        self._specdir = tempfile.TemporaryDirectory(prefix="memguard-spec-")
+        spec = os.path.join(self._specdir.name, "prefixed")
+        os.makedirs(spec)
+        with open(os.path.join(spec, "kernel.json"), "w") as fh:
+            json.dump({"argv": list(prefix) + [sys.executable, "-m", "ipykernel_launcher",
+                                               "-f", "{connection_file}"],
+                       "display_name": "memguard test kernel", "language": "python"}, fh)
+        ksm = KernelSpecManager(kernel_dirs=[self._specdir.name])
+        self.km = KernelManager(kernel_name="prefixed", kernel_spec_manager=ksm)
+        self.km.start_kernel(**kw)
+        self.kc = self.km.client()
+        self.kc.start_channels()
+        self.kc.wait_for_ready(timeout=60)
 
     def execute(self, code, timeout=TIMEOUT, ok=True):
         """Run ``code`` and collect its IOPub messages until idle and its execute_reply.

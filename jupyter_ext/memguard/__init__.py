@@ -27,7 +27,7 @@ def unload_ipython_extension(ipython):
 
 def configure(sparse_min_bytes=None, sparse_min_ratio=None, attribution_threshold=None,
               accumulation_min_count=None, accumulation_budget_fraction=None,
-              accumulation_min_bytes=None):
+              accumulation_min_bytes=None, limit_fraction=None):
     """Tune memguard's detectors; arguments left as None keep their value.
 
     sparse_to_dense, used when a cell has no budget: a densification alerts when the dense
@@ -44,6 +44,10 @@ def configure(sparse_min_bytes=None, sparse_min_ratio=None, attribution_threshol
     ``accumulation_budget_fraction`` of the cell's budget (default 0.25), or
     ``accumulation_min_bytes`` (default 256 MiB) when the cell has no budget.
 
+    limit: the ``limit`` alert fires when the figure the effective limit applies to (RSS for
+    physical RAM, the address-space size for RLIMIT_AS, the cgroup's usage for a cgroup
+    limit) passes ``limit_fraction`` of it (default 0.9).
+
     Returns every setting now in force as a dict. Raises ValueError, changing nothing, for
     a size that is not positive, a ratio < 1, a threshold < 4096 bytes, a count < 1 or a
     fraction outside (0, 1].
@@ -52,7 +56,7 @@ def configure(sparse_min_bytes=None, sparse_min_ratio=None, attribution_threshol
 
     return guard.configure(sparse_min_bytes, sparse_min_ratio, attribution_threshold,
                            accumulation_min_count, accumulation_budget_fraction,
-                           accumulation_min_bytes)
+                           accumulation_min_bytes, limit_fraction)
 
 
 def history():

@@ -15,6 +15,9 @@ import typing
 # notebook machine, and below 10x the sparse form saved little to begin with.
 SPARSE_MIN_BYTES = 256 * 2**20
 SPARSE_MIN_RATIO = 10.0
+# The limit alert fires when the limit's measure passes this fraction of the limit (issue 4:
+# 90%, configurable with memguard.configure(limit_fraction=...)).
+LIMIT_FRACTION = 0.9
 # How many cells' records (parents, alerts) are kept for late alerts and history.
 MAX_CELLS = 1000
 
@@ -56,6 +59,11 @@ class State:
     numpy_counted: bool = False
     rss_baseline: int = 0  # bytes: RSS minus tracked at load; the gap is measured from it
     summary: bool = False  # %memguard summary on|off
+    mode: str = "warn"  # %memguard mode warn|raise (a --raise cell overrides it for itself)
+    limit_fraction: float = LIMIT_FRACTION
+    limit_measure: str = "RSS"  # what the limit is compared with: rss, address space, cgroup
+    refusals_seen: int = 0  # _core.refusal()["count"] already turned into a message
+    saved_custom_exc: typing.Any = None  # (custom_exceptions, CustomTB) before load
     relay_sent_at_start: int = 0  # _core.relay_stats()["sent"] when this load's relay began
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 

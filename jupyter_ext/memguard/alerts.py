@@ -96,3 +96,55 @@ def sparse_to_dense_alert(state, cell, line, pred, peak, budget, count, reason):
         f"X.multiply(Y), X @ Y) or densify in row chunks."
     )
     return alert
+
+
+def limit_alert(state, cell, line, used, measure, peak, budget, request=0):
+    """The kernel's ``measure`` (``"rss"``, ``"address space"`` or ``"cgroup usage"``, the
+    figure the effective limit applies to) reached ``used`` bytes, past the alert fraction of
+    the limit; or, with ``request`` > 0, one allocation of ``request`` bytes asked for more
+    than is left under the limit (flagged before it was made)."""
+    alert = _base("limit", state, cell, line, request or used, peak, budget)
+    limit = state.limit
+    alert["used_bytes"] = int(used)
+    alert["measure"] = measure
+    alert["request_bytes"] = int(request)
+    share = used / limit.bytes if limit and limit.bytes else 0.0
+    at = f" at line {line}" if alert["line"] else ""
+    if request:
+        alert["message"] = (
+            f"An allocation of {format_size(request)}{at} asks for more than the "
+            f"{format_size(max(0, limit.bytes - used))} left under the machine's limit of "
+            f"{format_size(limit.bytes)} ({limit.source}); it will fail or get the kernel killed. "
+            f"Work in chunks, or turn on %memguard mode raise to have it fail cleanly."
+        )
+    else:
+        alert["message"] = (
+            f"This kernel's {measure} is {format_size(used)}, {share:.0%} of the machine's limit "
+            f"of {format_size(limit.bytes)} ({limit.source}){at}; the next large allocation may "
+            f"get the kernel killed. Free what you no longer need (del), save your results, "
+            f"or restart the kernel."
+        )
+    return alert
+
+
+def refused_alert(state, cell, line, request, reason_budget, peak, budget, used, measure):
+    """raise mode refused an allocation of ``request`` bytes at ``line``: over the budget
+    (``reason_budget``) or over the limit (``used`` bytes of ``measure`` so far)."""
+    kind = "budget" if reason_budget else "limit"
+    alert = _base(kind, state, cell, line, request, peak, budget)
+    alert["request_bytes"] = int(request)
+    alert["refused"] = True
+    at = f" at line {line}" if alert["line"] else ""
+    if reason_budget:
+        over = f"it would have taken this cell over its budget of {format_size(budget)}"
+    else:
+        limit = state.limit
+        alert["used_bytes"] = int(used)
+        alert["measure"] = measure
+        over = (f"it would have taken the kernel over the machine's limit of "
+                f"{format_size(limit.bytes)} ({limit.source}; {measure} {format_size(used)})")
+    alert["message"] = (
+        f"raise mode refused an allocation of {format_size(request)}{at}: {over}. The cell got "
+        f"a MemoryError, nothing was allocated, and the kernel is fine."
+    )
+    return alert

@@ -12,11 +12,12 @@ import sys
 import threading
 import time
 
-from . import alerts, limits, render, sparse
+from . import alerts, limits, refuse, render, sparse
 from ._state import STATE, Cell
 from .sizes import format_size
 
 ALERT_CAUSE_BUDGET = ("budget",)
+ALERT_CAUSE_LIMIT = ("limit",)
 
 
 def _env_problem():
@@ -51,10 +52,12 @@ def load(shell):
     STATE.kernel = getattr(shell, "kernel", None)
     STATE.limit = limits.effective_limit()
     STATE.notes = []
+    STATE.mode = "warn"
     if os.environ.get("PYTHONMALLOC", "") == "malloc":
         STATE.notes.append("PYTHONMALLOC=malloc: pymalloc is off, so small Python objects "
                            "are not counted (NumPy data and large blocks are)")
     _core.install()
+    _configure_limit(_core)
     snap = _core.snapshot()
     # Everything the process held before the hooks went in is the baseline: from here on,
     # RSS - baseline - tracked is memory no hook counted (the untracked gap).
@@ -69,6 +72,7 @@ def load(shell):
     shell.events.register("pre_run_cell", pre_run_cell)
     shell.events.register("post_run_cell", post_run_cell)
     shell.register_magics(MemguardMagics)
+    refuse.install(shell)
     atexit.register(_at_exit)
     STATE.loaded = True
     _install_sparse()
@@ -92,6 +96,8 @@ def unload(shell):
             pass
     core.relay_stop()
     STATE.relay.stop()
+    core.set_raise(False)
+    refuse.uninstall(shell)
     core.uninstall()  # NumPy's handler stays, passing through: arrays keep it for life
     core.set_user_globals(None)
     sparse.uninstall()
@@ -116,7 +122,38 @@ def _version():
 def _setting_line():
     limit = STATE.limit
     budget = format_size(STATE.default_budget) if STATE.default_budget else "off"
-    return (f"limit {format_size(limit.bytes)} ({limit.source}), budget {budget}, mode warn")
+    return (f"limit {format_size(limit.bytes)} ({limit.source}), budget {budget}, "
+            f"mode {STATE.mode}")
+
+
+# What each limit source limits, hence what it is compared with (mg_rss.h mg_measure_t).
+_MEASURES = {"physical": ("RSS", "MEASURE_RSS"), "rlimit": ("address space", "MEASURE_VM"),
+             "cgroup": ("cgroup usage", "MEASURE_CGROUP")}
+
+
+def _configure_limit(core):
+    """Hand the effective limit, its measure and the alert fraction to the C side."""
+    limit = STATE.limit
+    name, const = _MEASURES.get(limit.source, _MEASURES["physical"])
+    usage_file = limits.usage_file_for(limit.detail) if limit.source == "cgroup" else None
+    try:
+        core.set_limit(limit.bytes, getattr(core, const), STATE.limit_fraction, usage_file)
+    except OSError as exc:  # cgroup usage unreadable: compare RSS instead
+        STATE.notes.append(f"cannot read the cgroup's usage ({exc}); the limit alert uses RSS")
+        name = "RSS"
+        core.set_limit(limit.bytes, core.MEASURE_RSS, STATE.limit_fraction, None)
+    STATE.limit_measure = name
+
+
+def set_mode(mode):
+    """``%memguard mode warn|raise``: the mode of every following cell (and this one)."""
+    STATE.mode = mode
+    STATE.core.set_raise(mode == "raise")
+
+
+def set_cell_raise():
+    """``%%memguard SIZE --raise``: raise mode for the running cell only."""
+    STATE.core.set_raise(True)
 
 
 def _install_numpy():
@@ -202,6 +239,7 @@ def _code_name(info, count):
 def pre_run_cell(info=None):
     """IPython ``pre_run_cell`` event: start accounting a new cell."""
     _install_sparse()
+    STATE.core.set_raise(STATE.mode == "raise")
     if STATE.core.install():
         print("memguard: its allocator hook had been removed (tracemalloc.stop() puts back "
               "the allocators tracemalloc found when it started) and is installed again; "
@@ -367,6 +405,9 @@ def _on_record(fields):
     if kind in (core.KIND_ACCUMULATION, core.KIND_ACCUMULATION_GROW):
         _publish_accumulation(cell, line, count, nbytes)
         return
+    if kind in (core.KIND_REFUSED, core.KIND_LIMIT, core.KIND_LIMIT_REQUEST):
+        _on_limit_record(cell, kind, line, count, nbytes)
+        return
     if kind not in (core.KIND_BUDGET, core.KIND_BUDGET_GROW, core.KIND_BUDGET_RSS):
         return
     snap = core.snapshot()
@@ -389,6 +430,29 @@ def _on_record(fields):
     _publish(cell, alert, ALERT_CAUSE_BUDGET, _by_rss=by_rss)
 
 
+def _on_limit_record(cell, kind, line, count, nbytes):
+    """Relay thread: a refusal (raise mode), the limit's measure past its fraction, or one
+    request beyond what is left under the limit."""
+    core = STATE.core
+    snap = core.snapshot()
+    same = snap["epoch"] == cell.epoch
+    budget = snap["budget"] if same else cell.budget
+    peak = snap["cell_peak"] - snap["cell_start"] if same else 0
+    used = refuse.limit_used(snap)
+    if kind == core.KIND_REFUSED:
+        by_budget = count == core.REFUSE_BUDGET
+        alert = alerts.refused_alert(STATE, cell, line, nbytes, by_budget, peak, budget, used,
+                                     STATE.limit_measure)
+        _publish(cell, alert, ALERT_CAUSE_BUDGET if by_budget else ALERT_CAUSE_LIMIT)
+        return
+    if kind == core.KIND_LIMIT:
+        line = _running_line(cell) or -1
+        used = nbytes
+    alert = alerts.limit_alert(STATE, cell, line, used, STATE.limit_measure, peak, budget,
+                               nbytes if kind == core.KIND_LIMIT_REQUEST else 0)
+    _publish(cell, alert, ALERT_CAUSE_LIMIT)
+
+
 def _publish_accumulation(cell, line, count, retained, snap=None):
     """Publish (or update) the accumulation alert of ``line`` in ``cell``."""
     snap = snap or STATE.core.snapshot()
@@ -405,7 +469,7 @@ def _finish_budget(cell, snap):
     which the monitor only reports in steps of MG_GROW_STEP."""
     with STATE.lock:
         alert = next((a for a in cell.alerts if a.get("_cause") == ALERT_CAUSE_BUDGET), None)
-    if alert is None:
+    if alert is None or alert.get("refused"):
         return
     tracked_peak = snap["cell_peak"] - snap["cell_start"]
     rss_peak = snap["rss_cell_peak"] - snap["rss_cell_start"]
@@ -440,6 +504,13 @@ def _on_densify(matrix):
     snap = STATE.core.snapshot()
     usage = snap["tracked"] - snap["cell_start"]
     budget = snap["budget"]
+    try:
+        _densify_alert(cell, pred, snap, usage, budget)
+    finally:
+        refuse.sparse_refusal(pred, budget, usage)  # raise mode: fail before allocating
+
+
+def _densify_alert(cell, pred, snap, usage, budget):
     dense = pred["dense_bytes"]
     if budget:
         remaining = max(0, budget - usage)
@@ -466,7 +537,7 @@ def _on_densify(matrix):
 
 def configure(sparse_min_bytes=None, sparse_min_ratio=None, attribution_threshold=None,
               accumulation_min_count=None, accumulation_budget_fraction=None,
-              accumulation_min_bytes=None):
+              accumulation_min_bytes=None, limit_fraction=None):
     """See memguard.configure."""
     def size_of(value, name, example):
         if isinstance(value, str):
@@ -506,9 +577,16 @@ def configure(sparse_min_bytes=None, sparse_min_ratio=None, attribution_threshol
     if accumulation_min_bytes is not None:
         rule["no_budget_bytes"] = size_of(accumulation_min_bytes, "accumulation_min_bytes",
                                           "256MiB")
+    if limit_fraction is not None:
+        fraction = float(limit_fraction)
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError("limit_fraction must be in (0, 1], e.g. 0.9")
+        new["limit_fraction"] = fraction
     # Everything was checked: only now change anything.
     for key, value in new.items():
         setattr(STATE, key, value)
+    if limit_fraction is not None and STATE.loaded:
+        _configure_limit(STATE.core)
     from . import _core  # the C settings are process-wide: they apply before load too
 
     current = _core.sites_config(**rule)
@@ -519,6 +597,7 @@ def configure(sparse_min_bytes=None, sparse_min_ratio=None, attribution_threshol
         "accumulation_min_count": current.get("min_count"),
         "accumulation_budget_fraction": current.get("budget_fraction"),
         "accumulation_min_bytes": current.get("no_budget_bytes"),
+        "limit_fraction": STATE.limit_fraction,
     }
 
 
@@ -534,7 +613,10 @@ def status_rows():
         ("memguard", _version()),
         ("limit", f"{format_size(limit.bytes)} ({limit.source}: {limit.detail})"),
         ("budget", format_size(STATE.default_budget) if STATE.default_budget else "off"),
-        ("mode", "warn"),
+        ("mode", STATE.mode + (" (this cell: raise)" if snap["raise"] and STATE.mode != "raise"
+                               else "")),
+        ("limit alert", f"at {STATE.limit_fraction:.0%} of the limit; {STATE.limit_measure} now "
+                        f"{format_size(refuse.limit_used(snap))}"),
         ("tracked", f"{format_size(snap['tracked'])} since load (Python heap "
                     f"{format_size(snap['raw'] + snap['arena'])}, NumPy "
                     f"{format_size(snap['numpy'])})"),

@@ -360,6 +360,15 @@ def effective_limit(proc_root: str = "/proc", sys_root: str = "/") -> Limit:
     return Limit(value, source, detail)
 
 
+def usage_file_for(limit_file: str) -> str:
+    """The usage file next to a cgroup limit file: v2 ``memory.max`` -> ``memory.current``,
+    v1 ``memory.limit_in_bytes`` -> ``memory.usage_in_bytes`` (cgroup-v2.rst, cgroup-v1
+    memory.rst). For a :class:`Limit` with source ``"cgroup"``, pass its ``detail``."""
+    directory, filename = posixpath.split(limit_file)
+    usage_name = "memory.current" if filename == "memory.max" else "memory.usage_in_bytes"
+    return posixpath.join(directory, usage_name)
+
+
 def cgroup_usage_bytes(proc_root: str = "/proc", sys_root: str = "/") -> Optional[int]:
     """Return current memory usage in bytes of the cgroup that matters, or None.
 
@@ -371,9 +380,7 @@ def cgroup_usage_bytes(proc_root: str = "/proc", sys_root: str = "/") -> Optiona
     """
     limit = _cgroup_limit(proc_root, sys_root)
     if limit is not None:
-        directory, filename = posixpath.split(limit[1])
-        usage_name = "memory.current" if filename == "memory.max" else "memory.usage_in_bytes"
-        return _parse_bytes(_read_text(posixpath.join(directory, usage_name), _VALUE_FILE_MAX))
+        return _parse_bytes(_read_text(usage_file_for(limit[1]), _VALUE_FILE_MAX))
     for hierarchy in _hierarchies(proc_root, sys_root):
         usage_name = "memory.current" if hierarchy.version == 2 else "memory.usage_in_bytes"
         value = _parse_bytes(_read_text(posixpath.join(hierarchy.dirs[0], usage_name), _VALUE_FILE_MAX))

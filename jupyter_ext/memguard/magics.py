@@ -18,9 +18,11 @@ from .sizes import EXAMPLE, format_size, parse_size
 
 LINE_USAGE = """%memguard [status]         show limit, budget, mode, tracked, RSS and untracked bytes
 %memguard budget SIZE|off  default budget for every following cell (SIZE: 500MB, 2GiB, 25%, ...)
+%memguard mode warn|raise  raise: an allocation that would cross the budget or the limit fails (MemoryError)
 %memguard summary on|off   one line after each cell: peak, retained, untracked, seconds
 %memguard history          a table of every cell so far (memguard.history() returns it)"""
-CELL_USAGE = """%%memguard SIZE [--trace]  run this cell with budget SIZE (e.g. %%memguard 500MB)
+CELL_USAGE = """%%memguard SIZE [--raise] [--trace]  run this cell with budget SIZE (e.g. %%memguard 500MB)
+  --raise  raise mode for this cell: an allocation that would cross SIZE fails with MemoryError
   --trace  run it under tracemalloc and add its top lines to the cell's alerts"""
 
 
@@ -43,6 +45,8 @@ def _line_parser():
     sub.add_parser("status", usage=LINE_USAGE)
     budget = sub.add_parser("budget", usage="%memguard budget SIZE|off   e.g. %memguard budget 2GB")
     budget.add_argument("size")
+    mode = sub.add_parser("mode", usage="%memguard mode warn|raise   e.g. %memguard mode raise")
+    mode.add_argument("mode", choices=("warn", "raise"))
     summary = sub.add_parser("summary", usage="%memguard summary on|off   e.g. %memguard summary on")
     summary.add_argument("state", choices=("on", "off"))
     sub.add_parser("history", usage="%memguard history")
@@ -53,6 +57,7 @@ def _cell_parser():
     parser = _Parser(CELL_USAGE)
     parser.add_argument("size")
     parser.add_argument("--trace", action="store_true")
+    parser.add_argument("--raise", dest="raise_", action="store_true")
     return parser
 
 
@@ -81,12 +86,16 @@ class MemguardMagics(Magics):
         Line magic:
           %memguard [status]         show limit, budget, mode, tracked, RSS and untracked bytes
           %memguard budget SIZE|off  default budget for every following cell
+          %memguard mode warn|raise  raise: allocations that would cross the budget or the
+                                     limit fail with MemoryError (the kernel lives on)
           %memguard summary on|off   one line after each cell: peak, retained, untracked, time
           %memguard history          a table of every cell so far
 
         Cell magic:
-          %%memguard SIZE [--trace]  run this cell with budget SIZE; --trace runs it under
-                                     tracemalloc and adds its top lines to the cell's alerts
+          %%memguard SIZE [--raise] [--trace]
+                                     run this cell with budget SIZE; --raise: raise mode for
+                                     this cell; --trace: run it under tracemalloc and add its
+                                     top lines to the cell's alerts
 
         SIZE: a number of bytes with an optional decimal or binary unit (500MB, 2GiB, 1.5G,
         800M, 1e9) or a percentage of the effective memory limit (25%). A cell's usage is
@@ -110,6 +119,11 @@ class MemguardMagics(Magics):
             else:
                 STATE.default_budget = _size(args.size)
                 print(f"memguard: budget {format_size(STATE.default_budget)} per cell from the next cell on")
+        elif args.command == "mode":
+            guard.set_mode(args.mode)
+            print(f"memguard: mode {args.mode}" + (
+                " (an allocation that would cross the budget or the limit fails with MemoryError)"
+                if args.mode == "raise" else ""))
         elif args.command == "summary":
             STATE.summary = args.state == "on"
             print(f"memguard: summary {args.state}")
@@ -121,6 +135,8 @@ class MemguardMagics(Magics):
     def _cell(self, line, cell):
         args = _cell_parser().parse_args(_split(line, CELL_USAGE))
         guard.set_cell_budget(_size(args.size))
+        if args.raise_:
+            guard.set_cell_raise()
         filename = _cell_filename(self.shell)
         running = STATE.current
         if not args.trace or running is None:
