@@ -22,7 +22,7 @@ CSRC := $(wildcard csrc/*.c include/*.h)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: all demo test ctest pytest check-asan check-valgrind test-compat lock clean deps \
-	bench bench-latency
+	bench bench-latency bench-attribution
 
 all: .stamp-installed
 
@@ -84,12 +84,16 @@ check-valgrind: $(C_TESTS)
 
 # --- benchmarks -------------------------------------------------------------------------
 # `make bench` runs every benchmark; each writes its figures to build/.
-bench: bench-latency
+bench: bench-latency bench-attribution
 
 # Alert latency (bench/alert_latency.py): crossing allocation -> IOPub alert at a client,
 # p50/p99/max per scenario; BENCH_ARGS="--quick" or "--runs 50" to change it.
 bench-latency: .stamp-installed
 	$(VPY) bench/alert_latency.py $(BENCH_ARGS)
+
+# Line attribution's cost below and above its threshold (bench/attribution_overhead.py).
+bench-attribution: .stamp-installed
+	$(VPY) bench/attribution_overhead.py $(BENCH_ARGS)
 
 # --- Debian 12's own stack: /usr/bin/python3, ipykernel 6.17, NumPy 1.24 ------------------
 .venv-compat/.stamp: Makefile

@@ -3,6 +3,7 @@
 #include <pthread.h>
 
 #include "mg_acct.h"
+#include "mg_rss.h"
 #include "tap.h"
 
 static void t_alloc_and_free_balance(void)
@@ -73,6 +74,38 @@ static void t_no_budget_never_crosses(void)
     check_int(mg_acct_alloc(MG_DOMAIN_NUMPY, (size_t)1 << 40), ==, 0);
 }
 
+static void t_requests_are_refused_only_in_raise_mode_or_past_the_limit(void)
+{
+    mg_acct_refusal_t r;
+    uint64_t before;
+
+    mg_acct_reset();
+    mg_acct_set_limit(0, MG_MEASURE_RSS, 0.9);
+    mg_acct_cell_begin(8, 1000);
+    mg_acct_alloc(MG_DOMAIN_NUMPY, 600);
+    mg_acct_set_raise(0);
+    check_int(mg_acct_check_request(500), ==, MG_REFUSE_NONE); /* warn: budget never refuses */
+    mg_acct_set_raise(1);
+    check_int(mg_acct_check_request(400), ==, MG_REFUSE_NONE);  /* 1000: not over */
+    check_int(mg_acct_check_request(401), ==, MG_REFUSE_BUDGET);
+    /* The limit applies in both modes; the caller refuses only in raise mode. */
+    mg_rss_cell_begin();
+    mg_acct_set_limit(mg_rss_used(MG_MEASURE_RSS) + 10000, MG_MEASURE_RSS, 0.9);
+    mg_acct_set_raise(0);
+    check_int(mg_acct_check_request(9000), ==, MG_REFUSE_NONE);
+    check_int(mg_acct_check_request(20000), ==, MG_REFUSE_LIMIT);
+    mg_acct_set_raise(0);
+    mg_acct_set_limit(0, MG_MEASURE_RSS, 0.9);
+    mg_acct_refusal(&r);
+    before = r.count;
+    mg_acct_note_refusal(12345, MG_REFUSE_BUDGET, 7);
+    mg_acct_refusal(&r);
+    check_uint(r.count, ==, before + 1);
+    check_int(r.bytes, ==, 12345);
+    check_int(r.line, ==, 7);
+    check_int(r.epoch, ==, 8);
+}
+
 #define THREADS 8
 #define ROUNDS 100000
 
@@ -105,12 +138,13 @@ static void t_threads_return_to_zero(void)
 
 int main(void)
 {
-    plan(6);
+    plan(7);
     TEST(t_alloc_and_free_balance(), "alloc and free update the total and per-domain counters");
     TEST(t_cell_usage_is_relative_to_start(), "a cell's usage and peak are measured from its start");
     TEST(t_budget_crossing_reported_once(), "only the first allocation over the budget reports the crossing");
     TEST(t_new_cell_and_new_budget_rearm_the_crossing(), "a new cell or a new budget re-arms the crossing");
     TEST(t_no_budget_never_crosses(), "with no budget nothing ever crosses");
+    TEST(t_requests_are_refused_only_in_raise_mode_or_past_the_limit(), "raise mode refuses past the budget, the limit is judged in every mode, refusals are recorded");
     TEST(t_threads_return_to_zero(), "8 threads allocating and freeing leave the counters at zero");
     return test_done();
 }

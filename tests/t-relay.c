@@ -10,6 +10,7 @@
 #include "mg_acct.h"
 #include "mg_relay.h"
 #include "mg_ring.h"
+#include "mg_rss.h"
 #include "tap.h"
 
 static void *s_ctx;
@@ -132,6 +133,45 @@ static void t_forked_child_is_quiet(void)
     check_int(mg_relay_stop(), ==, 0);
 }
 
+static void t_limit_and_rss_budget_records(void)
+{
+    mg_wire_t w;
+    int64_t rss = mg_rss_read();
+    int got_limit = 0;
+    int got_rss = 0;
+
+    mg_acct_reset();
+    mg_ring_reset();
+    mg_rss_cell_begin();
+    mg_acct_cell_begin(7, 4096); /* tiny budget: RSS growth of one page-in crosses it */
+    /* A limit already half used: the monitor's first sample passes a 0.5 fraction. */
+    mg_acct_set_limit(rss + rss / 2, MG_MEASURE_RSS, 0.5);
+    check_int(mg_relay_start(s_endpoint, 1), ==, 0);
+    {
+        /* Grow RSS by 8 MB outside every hook, as native code would. */
+        static char block[8 << 20];
+        memset(block, 1, sizeof(block));
+    }
+    for (int i = 0; i < 4 && !(got_limit && got_rss); i++) {
+        if (recv_wire(&w, 2000) != (int)sizeof(w))
+            break;
+        if (w.kind == MG_KIND_LIMIT) {
+            got_limit = 1;
+            check_int(w.count, ==, MG_MEASURE_RSS);
+            check_int(w.bytes, >=, rss / 2);
+        } else if (w.kind == MG_KIND_BUDGET_RSS) {
+            got_rss = 1;
+            check_int(w.epoch, ==, 7);
+            check_int(w.usage, >, 4096);
+            check_int(w.bytes, >, 0); /* untracked: no hook counted the 8 MB */
+        }
+    }
+    check_int(got_limit, ==, 1);
+    check_int(got_rss, ==, 1);
+    check_int(mg_relay_stop(), ==, 0);
+    mg_acct_set_limit(0, MG_MEASURE_RSS, 0.9);
+}
+
 int main(void)
 {
     int linger = 0;
@@ -144,13 +184,14 @@ int main(void)
         test_skip_all("cannot bind an ipc:// endpoint in /tmp");
     if (mg_relay_atfork_register() != 0)
         test_skip_all("pthread_atfork failed");
-    plan(6);
+    plan(7);
     TEST(t_budget_event_arrives_as_a_record(), "a budget event in the ring reaches the PULL peer as a 64-byte record");
     TEST(t_peak_growth_sends_an_update(), "peak growth of more than 10% after an alert sends an update record");
     TEST(t_second_start_says_ealready(), "starting a running relay fails with EALREADY");
     TEST(t_stop_joins_and_is_idempotent(), "relay_stop joins the thread and can be called twice");
     TEST(t_bad_period_and_endpoint_fail_cleanly(), "a bad period or endpoint fails without starting a thread");
     TEST(t_forked_child_is_quiet(), "a forked child stops counting, has no monitor and sends nothing");
+    TEST(t_limit_and_rss_budget_records(), "the monitor sends a limit record past the fraction and a budget record for untracked RSS growth");
     zmq_close(s_pull);
     zmq_ctx_term(s_ctx);
     unlink(s_endpoint + strlen("ipc://"));
