@@ -75,7 +75,9 @@ def run_once(workload, mode, n):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=7, help="repetitions per pair (default 7)")
+    parser.add_argument("--reps", "--runs", type=int, default=7,
+                        help="repetitions per pair (default 7; --runs is the same, so one "
+                             "BENCH_ARGS serves every benchmark)")
     parser.add_argument("--quick", action="store_true", help="smaller workloads, 3 repetitions")
     parser.add_argument("--out", default="build/attribution_overhead.json")
     args = parser.parse_args(argv)
