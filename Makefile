@@ -10,12 +10,13 @@ APT_PACKAGES := libzmq3-dev pkg-config gcc make perl clang valgrind
 # Debian 12's own Python stack, for `make test-compat` (ipykernel 6.17, NumPy 1.24).
 APT_COMPAT_PACKAGES := python3-venv python3-dev python3-ipykernel python3-jupyter-client \
 	python3-numpy python3-scipy python3-pytest python3-zmq python3-psutil \
-	python3-humanfriendly python3-setuptools python3-tabulate
+	python3-humanfriendly python3-setuptools python3-tabulate python3-matplotlib
 CC ?= cc
 CFLAGS_TEST := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -g -O1 -Iinclude -Itests
 ASAN := -fsanitize=address,undefined -fno-omit-frame-pointer
 # The C units that need no Python: they are what the TAP tests link.
-C_ENGINE := csrc/ring.c csrc/acct.c csrc/relay.c csrc/guard.c csrc/sites.c csrc/rss.c
+C_ENGINE := csrc/ring.c csrc/acct.c csrc/relay.c csrc/guard.c csrc/sites.c csrc/rss.c \
+	csrc/blackbox.c
 C_TESTS := $(patsubst tests/t-%.c,tests/bin/t-%,$(wildcard tests/t-*.c))
 PYSRC := $(wildcard jupyter_ext/memguard/*.py)
 CSRC := $(wildcard csrc/*.c include/*.h)

@@ -30,5 +30,5 @@ setup(
     packages=["memguard"],
     ext_modules=[core],
     python_requires=">=3.11",
-    install_requires=["ipykernel>=6", "pyzmq", "humanfriendly", "psutil", "tabulate"],
+    install_requires=["ipykernel>=6", "pyzmq", "humanfriendly", "psutil", "tabulate", "matplotlib"],
 )

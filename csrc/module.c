@@ -6,6 +6,7 @@
 
 #include "memguard.h"
 #include "mg_acct.h"
+#include "mg_blackbox.h"
 #include "mg_frames.h"
 #include "mg_hooks.h"
 #include "mg_relay.h"
@@ -189,6 +190,77 @@ static PyObject *core_refusal(PyObject *self, PyObject *unused)
                          "epoch", (long long)r.epoch);
 }
 
+static PyObject *core_blackbox_open(PyObject *self, PyObject *args)
+{
+    const char *path;
+    const char *connection;
+
+    if (!PyArg_ParseTuple(args, "ss:blackbox_open", &path, &connection))
+        return NULL;
+    if (mg_blackbox_open(path, connection) < 0)
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
+    Py_RETURN_NONE;
+}
+
+static PyObject *core_blackbox_close(PyObject *self, PyObject *args)
+{
+    int remove = 1;
+
+    if (!PyArg_ParseTuple(args, "|p:blackbox_close", &remove))
+        return NULL;
+    /* The monitor may be mid-tick on the mapping: stop it first (guard.py does). */
+    mg_blackbox_close(remove);
+    Py_RETURN_NONE;
+}
+
+static PyObject *core_blackbox_set_cell(PyObject *self, PyObject *args)
+{
+    long long epoch;
+    long long count;
+    const char *source;
+    Py_ssize_t len;
+
+    if (!PyArg_ParseTuple(args, "LLs#:blackbox_set_cell", &epoch, &count, &source, &len))
+        return NULL;
+    mg_blackbox_set_cell((int64_t)epoch, (int64_t)count, source, (size_t)len);
+    Py_RETURN_NONE;
+}
+
+static PyObject *core_blackbox_add_alert(PyObject *self, PyObject *args)
+{
+    long long epoch;
+    long long count;
+    int kind;
+    int line;
+    long long nbytes;
+    const char *message;
+    Py_ssize_t len;
+
+    if (!PyArg_ParseTuple(args, "LLiiLs#:blackbox_add_alert", &epoch, &count, &kind, &line,
+                          &nbytes, &message, &len))
+        return NULL;
+    mg_blackbox_add_alert((int64_t)epoch, (int64_t)count, kind, line, (int64_t)nbytes, message,
+                          (size_t)len);
+    Py_RETURN_NONE;
+}
+
+static PyObject *core_blackbox_layout(PyObject *self, PyObject *unused)
+{
+    const char *names[32];
+    int64_t values[32];
+    int n = mg_blackbox_layout(names, values, 32);
+    PyObject *out = PyDict_New();
+
+    for (int i = 0; out != NULL && i < n; i++) {
+        PyObject *v = PyLong_FromLongLong((long long)values[i]);
+
+        if (v == NULL || PyDict_SetItemString(out, names[i], v) < 0)
+            Py_CLEAR(out);
+        Py_XDECREF(v);
+    }
+    return out;
+}
+
 static PyObject *core_sites(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"epoch", "limit", NULL};
@@ -345,6 +417,19 @@ static PyMethodDef core_methods[] = {
      "no_budget_bytes=None) -> dict\n\nSet (any given) and return the attribution threshold "
      "(bytes) and the accumulation rule, plus table stats (dropped, sites, blocks). Raises "
      "ValueError for threshold < 4096, min_count < 1, a fraction outside (0, 1]."},
+    {"blackbox_open", core_blackbox_open, METH_VARARGS,
+     "blackbox_open(path: str, connection: str) -> None\n\nCreate the black box at path "
+     "(< 1 MiB, mapped; the monitor keeps it current). Raises OSError."},
+    {"blackbox_close", core_blackbox_close, METH_VARARGS,
+     "blackbox_close(remove: bool = True) -> None\n\nUnmap it (and unlink it). Stop the "
+     "monitor first."},
+    {"blackbox_set_cell", core_blackbox_set_cell, METH_VARARGS,
+     "blackbox_set_cell(epoch: int, count: int, source: str) -> None\n\nThe running cell "
+     "(count -1 if none); source cut to 16 KiB."},
+    {"blackbox_add_alert", core_blackbox_add_alert, METH_VARARGS,
+     "blackbox_add_alert(epoch, count, kind: int, line, bytes, message: str) -> None"},
+    {"blackbox_layout", core_blackbox_layout, METH_NOARGS,
+     "blackbox_layout() -> dict\n\nOffsets and sizes (bytes) of the black-box layout."},
     {"set_raise", core_set_raise, METH_O,
      "set_raise(on: bool) -> None\n\nraise mode: NumPy allocations that would take the cell "
      "over its budget, or the process over its limit, fail (NumPy raises MemoryError)."},
@@ -383,6 +468,7 @@ static void core_atexit(void)
 {
     mg_acct_set_enabled(0);
     mg_relay_stop();
+    mg_blackbox_close(1); /* a clean exit is not a crash: no report after it */
 }
 
 PyMODINIT_FUNC PyInit__core(void)

@@ -9,6 +9,7 @@
 #include <zmq.h>
 
 #include "mg_acct.h"
+#include "mg_blackbox.h"
 #include "mg_relay.h"
 #include "mg_ring.h"
 #include "mg_rss.h"
@@ -75,6 +76,7 @@ static void *relay_main(void *arg)
     int64_t limit_epoch = -1;  /* the cell that got the last limit record */
     int64_t limit_last = 0;    /* the measure in that record, bytes */
     unsigned tick = 0;
+    unsigned bb_every = MG_BB_SAMPLE_MS / (unsigned)s_period_ms;
 
     (void)arg;
     while (!atomic_load_explicit(&s_stop, memory_order_acquire)) {
@@ -92,6 +94,8 @@ static void *relay_main(void *arg)
             }
         }
         mg_acct_snapshot(&snap);
+        if (tick % (bb_every ? bb_every : 1) == 0)
+            mg_blackbox_tick(); /* no-op without an open box */
         if (tick % MG_RSS_EVERY == 0 && mg_rss_sample() >= 0) {
             int64_t limit;
             int measure;
@@ -240,6 +244,7 @@ static void relay_atfork_child(void)
 {
     mg_acct_set_enabled(0);
     mg_rss_atfork_child();
+    mg_blackbox_atfork_child();
     atomic_store_explicit(&s_running, 0, memory_order_release);
     s_sock = NULL;
     s_ctx = NULL;

@@ -41,6 +41,9 @@ static _Atomic int64_t s_rule_no_budget = 256ll * 1024 * 1024;
 /* Written by hooks (relaxed RMW); read by anyone. */
 static _Atomic uint64_t s_dropped = 0;
 static _Atomic int64_t s_blocks_live = 0;
+/* The line and epoch of the last attributed allocation: hooks (relaxed), the black box. */
+static _Atomic int32_t s_last_line = -1;
+static _Atomic int64_t s_last_epoch = 0;
 
 static inline size_t sites_hash(uint64_t x, unsigned slots)
 {
@@ -176,6 +179,11 @@ MG_HOOKSAFE void mg_sites_alloc(void *p, size_t n, int64_t epoch, int32_t line)
     uint64_t key = sites_key(epoch, line);
     int64_t s = sites_find_or_add(key);
 
+    if (line > 0) {
+        atomic_store_explicit(&s_last_line, line, memory_order_relaxed);
+        atomic_store_explicit(&s_last_epoch, epoch, memory_order_relaxed);
+    }
+
     for (unsigned i = 0; i < MG_PROBE; i++) {
         block_slot_t *b = &s_blocks[(h + i) & (MG_BLOCK_SLOTS - 1)];
         uintptr_t k = atomic_load_explicit(&b->addr, memory_order_acquire);
@@ -264,6 +272,13 @@ int mg_sites_list(int64_t epoch, mg_site_info_t *out, int max)
             n++;
     }
     return n;
+}
+
+int32_t mg_sites_last_line(int64_t epoch)
+{
+    if (atomic_load_explicit(&s_last_epoch, memory_order_relaxed) != epoch)
+        return -1;
+    return atomic_load_explicit(&s_last_line, memory_order_relaxed);
 }
 
 void mg_sites_sweep(int64_t current_epoch)

@@ -78,6 +78,10 @@ MG_HOOKSAFE void mg_sites_free(void *p);
  * live bytes first. Returns how many were written. Any thread; not from a hook. */
 int mg_sites_list(int64_t epoch, mg_site_info_t *out, int max);
 
+/* The line of the last attributed allocation made while cell `epoch` ran, or -1 (none in
+ * that cell). What the black box reports as "the line that was running". Any thread. */
+int32_t mg_sites_last_line(int64_t epoch);
+
 /* Drop the sites of cells other than `current_epoch` that have no live block left, so the
  * table holds only sites that matter. GIL held (cell start); hooks may run concurrently. */
 void mg_sites_sweep(int64_t current_epoch);

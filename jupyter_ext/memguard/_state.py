@@ -63,6 +63,10 @@ class State:
     limit_fraction: float = LIMIT_FRACTION
     limit_measure: str = "RSS"  # what the limit is compared with: rss, address space, cgroup
     refusals_seen: int = 0  # _core.refusal()["count"] already turned into a message
+    blackbox_path: typing.Optional[str] = None  # this kernel's black box while loaded
+    last_report: typing.Optional[dict] = None  # the crash_report found at load, for %memguard report
+    pending_report: typing.Optional[dict] = None  # not yet shown under a cell
+    saved_switch_interval: typing.Optional[float] = None  # sys.getswitchinterval() at load
     saved_custom_exc: typing.Any = None  # (custom_exceptions, CustomTB) before load
     relay_sent_at_start: int = 0  # _core.relay_stats()["sent"] when this load's relay began
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)

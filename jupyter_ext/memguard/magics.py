@@ -20,7 +20,8 @@ LINE_USAGE = """%memguard [status]         show limit, budget, mode, tracked, RS
 %memguard budget SIZE|off  default budget for every following cell (SIZE: 500MB, 2GiB, 25%, ...)
 %memguard mode warn|raise  raise: an allocation that would cross the budget or the limit fails (MemoryError)
 %memguard summary on|off   one line after each cell: peak, retained, untracked, seconds
-%memguard history          a table of every cell so far (memguard.history() returns it)"""
+%memguard history          a table of every cell so far (memguard.history() returns it)
+%memguard report           the post-crash report of the kernel that died before this one"""
 CELL_USAGE = """%%memguard SIZE [--raise] [--trace]  run this cell with budget SIZE (e.g. %%memguard 500MB)
   --raise  raise mode for this cell: an allocation that would cross SIZE fails with MemoryError
   --trace  run it under tracemalloc and add its top lines to the cell's alerts"""
@@ -50,6 +51,7 @@ def _line_parser():
     summary = sub.add_parser("summary", usage="%memguard summary on|off   e.g. %memguard summary on")
     summary.add_argument("state", choices=("on", "off"))
     sub.add_parser("history", usage="%memguard history")
+    sub.add_parser("report", usage="%memguard report")
     return parser
 
 
@@ -90,6 +92,7 @@ class MemguardMagics(Magics):
                                      limit fail with MemoryError (the kernel lives on)
           %memguard summary on|off   one line after each cell: peak, retained, untracked, time
           %memguard history          a table of every cell so far
+          %memguard report           the post-crash report of the kernel that died before
 
         Cell magic:
           %%memguard SIZE [--raise] [--trace]
@@ -131,6 +134,10 @@ class MemguardMagics(Magics):
             from IPython.display import display
 
             display(guard.history_bundle(), raw=True)
+        elif args.command == "report":
+            from IPython.display import display
+
+            display(guard.report_bundle(), raw=True)
 
     def _cell(self, line, cell):
         args = _cell_parser().parse_args(_split(line, CELL_USAGE))

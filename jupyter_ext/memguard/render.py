@@ -110,6 +110,10 @@ def _trace_html(alert):
 
 def alert_bundle(alert):
     """The ``data`` of the IOPub message: the three MIME types of interface.md."""
+    if alert["kind"] == "crash_report":
+        from . import report
+
+        return report.bundle(alert)
     return {"text/plain": text(alert), "text/html": html_alert(alert), ALERT_MIME: alert}
 
 
