@@ -23,7 +23,7 @@ CSRC := $(wildcard csrc/*.c include/*.h)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: all demo test ctest pytest check-asan check-valgrind test-compat lock clean deps \
-	bench bench-latency bench-attribution
+	bench bench-latency bench-attribution bench-monitor
 
 all: .stamp-installed
 
@@ -85,7 +85,7 @@ check-valgrind: $(C_TESTS)
 
 # --- benchmarks -------------------------------------------------------------------------
 # `make bench` runs every benchmark; each writes its figures to build/.
-bench: bench-latency bench-attribution
+bench: bench-latency bench-attribution bench-monitor
 
 # Alert latency (bench/alert_latency.py): crossing allocation -> IOPub alert at a client,
 # p50/p99/max per scenario; BENCH_ARGS="--quick" or "--runs 50" to change it.
@@ -95,6 +95,10 @@ bench-latency: .stamp-installed
 # Line attribution's cost below and above its threshold (bench/attribution_overhead.py).
 bench-attribution: .stamp-installed
 	$(VPY) bench/attribution_overhead.py $(BENCH_ARGS)
+
+# The monitor thread's own CPU time, with and without the black box (bench/monitor_cost.py).
+bench-monitor: .stamp-installed
+	$(VPY) bench/monitor_cost.py $(BENCH_ARGS)
 
 # --- Debian 12's own stack: /usr/bin/python3, ipykernel 6.17, NumPy 1.24 ------------------
 .venv-compat/.stamp: Makefile

@@ -1,11 +1,14 @@
-"""What line attribution costs: memguard with attribution on (default threshold, 128 KiB)
-against memguard with attribution off (threshold 2**40 bytes), and plain Python.
+"""What line attribution and the black box cost: memguard with attribution on (default
+threshold, 128 KiB) against memguard with attribution off (threshold 2**40 bytes), plain
+Python, and memguard as a kernel runs it (``box``: attribution on, the monitor thread
+polling every 2 ms and writing the black box every 100 ms).
 
 Run: ``python bench/attribution_overhead.py [--reps N] [--quick]`` (``make bench-attribution``).
 
 Each (workload, configuration) pair runs in a fresh interpreter, the pairs are interleaved,
 and each is repeated ``--reps`` times; the table shows median seconds and two ratios:
-``on/off`` (the cost of attribution itself) and ``on/plain`` (memguard as a whole). Blocks
+``on/off`` (the cost of attribution itself), ``on/plain`` (the hooks as a whole) and
+``box/on`` (the monitor thread and the black box). Blocks
 below the threshold never walk frames, so ``on/off`` should be 1.00 within noise for them;
 the ``above`` workloads show what a frame walk per block costs where it does happen.
 The workload runs as the module-level code of a script whose globals are registered as the
@@ -58,9 +61,17 @@ if mode != "plain":
     core.cell_begin(1, 0)
     if mode == "off":
         core.sites_config(threshold=2**40)
+    if mode == "box":  # as a kernel runs it: monitor thread (2 ms) and black box (100 ms)
+        import os, tempfile
+        box_dir = tempfile.mkdtemp(prefix="mg-bench-")
+        core.blackbox_open(os.path.join(box_dir, "bench.mgbox"), "bench.json")
+        core.relay_start("ipc://" + os.path.join(box_dir, "relay"))
 t0 = time.perf_counter()
 {body}
 t1 = time.perf_counter()
+if mode == "box":
+    core.relay_stop()
+    core.blackbox_close(True)
 print(t1 - t0)
 """
 
@@ -83,7 +94,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     reps = 3 if args.quick else args.reps
     n = QUICK_N if args.quick else FULL_N
-    modes = ("plain", "off", "on")
+    modes = ("plain", "off", "on", "box")
     times = {(w, m): [] for w in WORKLOADS for m in modes}
     for _ in range(reps):
         for w in WORKLOADS:
@@ -93,12 +104,15 @@ def main(argv=None):
     for w in WORKLOADS:
         med = {m: statistics.median(times[(w, m)]) for m in modes}
         rows.append({"workload": w, "seconds": med, "on_over_off": med["on"] / med["off"],
-                     "on_over_plain": med["on"] / med["plain"], "reps": reps, "n": n})
-    print(f"{'workload':<20} {'plain s':>9} {'off s':>9} {'on s':>9} {'on/off':>7} {'on/plain':>9}")
+                     "on_over_plain": med["on"] / med["plain"],
+                     "box_over_on": med["box"] / med["on"], "reps": reps, "n": n})
+    print(f"{'workload':<20} {'plain s':>9} {'off s':>9} {'on s':>9} {'box s':>9} "
+          f"{'on/off':>7} {'on/plain':>9} {'box/on':>7}")
     for r in rows:
         s = r["seconds"]
         print(f"{r['workload']:<20} {s['plain']:>9.3f} {s['off']:>9.3f} {s['on']:>9.3f} "
-              f"{r['on_over_off']:>7.3f} {r['on_over_plain']:>9.3f}")
+              f"{s['box']:>9.3f} {r['on_over_off']:>7.3f} {r['on_over_plain']:>9.3f} "
+              f"{r['box_over_on']:>7.3f}")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump({"workloads": rows, "threshold_bytes": 131072}, fh, indent=2)

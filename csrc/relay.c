@@ -186,6 +186,8 @@ int mg_relay_start(const char *endpoint, int period_ms)
         errno = rc;
         goto error;
     }
+    /* Named so it shows as such in top -H, gdb and /proc/<pid>/task/<tid>/comm. */
+    (void)pthread_setname_np(s_thread, "memguard-mon");
     atomic_store_explicit(&s_running, 1, memory_order_release);
     return MG_OK;
 
