@@ -14,6 +14,7 @@ conversion that would not fit raises the same kind of message *before* it alloca
 import builtins
 import re
 import sys
+import traceback
 
 from ._state import STATE
 from .sizes import format_size
@@ -59,7 +60,13 @@ def install(shell):
                     etype = MemoryError
                 except TypeError:  # an extension type with its own layout: keep it
                     pass
-            return self.InteractiveTB.structured_traceback(etype, value, tb, tb_offset=tb_offset)
+            try:
+                return self.InteractiveTB.structured_traceback(etype, value, tb,
+                                                               tb_offset=tb_offset)
+            except Exception:
+                # IPython 8.5's stack_data cannot always place the code of a cell magic's
+                # body (NotOneValueFound); a plain traceback still shows our message.
+                return traceback.format_exception(etype, value, tb)
         return prev_tb(etype, value, tb, tb_offset=tb_offset)
 
     ours = (builtins.MemoryError,) + _numpy_memory_errors()
