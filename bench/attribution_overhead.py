@@ -70,8 +70,10 @@ t0 = time.perf_counter()
 {body}
 t1 = time.perf_counter()
 if mode == "box":
+    import shutil
     core.relay_stop()
     core.blackbox_close(True)
+    shutil.rmtree(box_dir, ignore_errors=True)
 print(t1 - t0)
 """
 

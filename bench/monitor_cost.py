@@ -14,6 +14,7 @@ busy kernel is taken from another core or from the cell. Writes build/monitor_co
 import argparse
 import json
 import os
+import shutil
 import tempfile
 import time
 
@@ -43,6 +44,7 @@ def measure(seconds, box):
     core.relay_stop()
     if box:
         core.blackbox_close(True)
+    shutil.rmtree(tmp, ignore_errors=True)
     return (cpu1 - cpu0) / (t1 - t0)
 
 

@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdatomic.h>
+#include <stdint.h>
 #include <unistd.h>
 
 #include "mg_rss.h"
@@ -39,33 +40,56 @@ static int rss_fd(void)
 }
 
 /* Parse the first two fields of /proc/self/statm (size, resident; in pages). */
+int mg_rss_parse_number(const char *buf, size_t len, size_t *used, int64_t *out)
+{
+    int64_t v = 0;
+    size_t i = 0;
+
+    for (; i < len && buf[i] >= '0' && buf[i] <= '9'; i++) {
+        if (v > (INT64_MAX - 9) / 10)
+            return -1; /* would overflow int64 */
+        v = v * 10 + (buf[i] - '0');
+    }
+    if (i == 0)
+        return -1;
+    *used = i;
+    *out = v;
+    return 0;
+}
+
+int mg_rss_parse_statm(const char *buf, size_t len, int64_t *vm_pages, int64_t *rss_pages)
+{
+    size_t used;
+    size_t at = 0;
+
+    if (mg_rss_parse_number(buf, len, &used, vm_pages) < 0)
+        return -1;
+    at = used;
+    if (at >= len || buf[at] != ' ')
+        return -1;
+    at++;
+    if (mg_rss_parse_number(buf + at, len - at, &used, rss_pages) < 0)
+        return -1;
+    return 0;
+}
+
 static int rss_read_statm(int64_t *vm, int64_t *rss)
 {
     char buf[128];
     ssize_t n;
     int fd = rss_fd();
-    const char *c = buf;
-    int64_t pages[2] = {0, 0};
+    int64_t pages[2];
     int64_t page = (int64_t)sysconf(_SC_PAGESIZE);
 
     if (fd < 0)
         return -1;
-    n = pread(fd, buf, sizeof(buf) - 1, 0);
-    if (n <= 0) {
-        if (n == 0)
-            errno = EIO;
+    n = pread(fd, buf, sizeof(buf), 0);
+    if (n < 0)
         return -1;
-    }
-    buf[n] = '\0';
-    for (int i = 0; i < 2; i++) {
-        if (*c < '0' || *c > '9') {
-            errno = EIO;
-            return -1;
-        }
-        for (; *c >= '0' && *c <= '9'; c++)
-            pages[i] = pages[i] * 10 + (*c - '0');
-        if (*c == ' ')
-            c++;
+    if (mg_rss_parse_statm(buf, (size_t)n, &pages[0], &pages[1]) < 0 ||
+        pages[0] > INT64_MAX / page || pages[1] > INT64_MAX / page) {
+        errno = EIO;
+        return -1;
     }
     *vm = pages[0] * page;
     *rss = pages[1] * page;
@@ -86,16 +110,14 @@ static int64_t rss_read_cgroup(void)
     char buf[32];
     int fd = atomic_load_explicit(&s_cg_fd, memory_order_acquire);
     ssize_t n;
-    int64_t v = 0;
+    size_t used;
+    int64_t v;
 
     if (fd < 0)
         return -1;
-    n = pread(fd, buf, sizeof(buf) - 1, 0);
-    if (n <= 0)
+    n = pread(fd, buf, sizeof(buf), 0);
+    if (n <= 0 || mg_rss_parse_number(buf, (size_t)n, &used, &v) < 0)
         return -1;
-    buf[n] = '\0';
-    for (const char *c = buf; *c >= '0' && *c <= '9'; c++)
-        v = v * 10 + (*c - '0');
     return v;
 }
 

@@ -5,9 +5,19 @@
 #ifndef MEMGUARD_MG_RSS_H
 #define MEMGUARD_MG_RSS_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "memguard.h"
+
+/* Parsers of what the kernel writes in /proc and cgroupfs (outside input: fuzzed by
+ * tests/fuzz/fuzz-rss.c). Neither needs a NUL terminator nor reads past len.
+ * mg_rss_parse_number: the decimal digits at the start of buf into *out, their count into
+ * *used; -1 if there is no digit or the number does not fit in int64.
+ * mg_rss_parse_statm: the first two fields of statm ("size resident ..."), in pages;
+ * -1 if they are not two numbers separated by one space. Any thread. */
+int mg_rss_parse_number(const char *buf, size_t len, size_t *used, int64_t *out);
+int mg_rss_parse_statm(const char *buf, size_t len, int64_t *vm_pages, int64_t *rss_pages);
 
 /* RSS in bytes now: the second field of /proc/self/statm (proc(5)) times the page size,
  * read with pread on a descriptor kept open (about 10 us here; platform-facts measured

@@ -54,7 +54,8 @@ def budget_alert(state, cell, line, usage, peak, budget, request, gap, top_site=
     most = ""
     if top_site and top_site.get("line") is not None and top_site["bytes"] > 0:
         most = (f"; most of it is held by line {top_site['line']} "
-                f"({format_size(top_site['bytes'])} in {top_site['count']} blocks)")
+                f"({format_size(top_site['bytes'])} in {top_site['count']} "
+                f"block{'s' if top_site['count'] != 1 else ''})")
     alert["message"] = (
         f"This cell has used {format_size(peak)}, over its budget of {format_size(budget)} "
         f"(crossed{at}){most}; free what you no longer need (del), work in chunks, "

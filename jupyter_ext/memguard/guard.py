@@ -237,8 +237,9 @@ def set_cell_raise():
 
 
 def _install_numpy():
-    if "numpy" not in sys.modules and not _importable("numpy"):
-        STATE.notes.append("NumPy is not installed, so only the Python heap is counted")
+    if sys.modules.get("numpy", False) is None or (
+            "numpy" not in sys.modules and not _importable("numpy")):
+        STATE.notes.append("NumPy cannot be imported, so only the Python heap is counted")
         return
     try:
         STATE.numpy_counted = STATE.core.install_numpy()

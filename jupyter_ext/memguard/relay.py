@@ -98,7 +98,6 @@ class Publisher:
         self._kernel = kernel
         self._lock = threading.Lock()
         self._display_ids = {}  # (epoch, cause) -> display_id
-        self.sent = []  # (msg_type, alert), for status and history; bounded below
 
     def publish(self, alert, epoch, cause, parent):
         """Publish ``alert`` (a dict of the alert schema) for the cell ``epoch``.
@@ -116,8 +115,6 @@ class Publisher:
                 display_id = self._display_ids[key] = f"memguard-{uuid.uuid4().hex}"
                 if len(self._display_ids) > 10_000:
                     self._display_ids.pop(next(iter(self._display_ids)))
-            self.sent.append((msg_type, alert))
-            del self.sent[:-1000]
         content = {
             "data": render.alert_bundle(alert),
             "metadata": {},

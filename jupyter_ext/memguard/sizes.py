@@ -19,11 +19,15 @@ def parse_size(text, limit_bytes):
 
     ``limit_bytes`` (int, bytes) is the effective limit that a percentage refers to.
     Raises ``ValueError`` with a message that shows accepted examples when ``text`` is
-    empty, not a size, zero, negative, not finite, or above 2**60 bytes.
+    empty, not ASCII, not a size, zero, negative, not finite, or above 2**60 bytes.
     """
     raw = (text or "").strip()
     if not raw:
         raise ValueError(f"a size is required, e.g. {EXAMPLE}")
+    if not raw.isascii():
+        # float() and humanfriendly accept other scripts' digits (e.g. fullwidth); a size
+        # typed that way is more likely a paste accident than intended.
+        raise ValueError(f"{raw!r} is not a size (use ASCII digits and units), e.g. {EXAMPLE}")
     try:
         if raw.endswith("%"):
             value = float(raw[:-1]) / 100.0 * limit_bytes
