@@ -1,7 +1,14 @@
 """Mime bundles for alerts and status: ``text/plain``, ``text/html`` and the alert JSON.
 
-Every figure is printed with its unit. HTML uses JupyterLab's CSS variables (with fallbacks)
-so it reads in light and dark themes, needs no JavaScript, and survives HTML export.
+Every figure is printed with its unit. ``text/plain`` is one line saying what happened where
+and one line of key figures (plus tracemalloc's lines for a ``--trace`` cell), for
+``jupyter console``, nbclient logs and ``make demo``. ``text/html`` is a compact box: a
+heading (what, which cell and line), what happened, a usage bar against the budget or the
+limit with a legend in words, the key figures of the kind, and what to do. It uses
+JupyterLab's CSS variables with fallbacks, colour tints that read on light and dark
+backgrounds and inherited text colour, so it reads in every JupyterLab theme, in Notebook 7
+and after ``jupyter nbconvert --to html``; no JavaScript, no IFrame, inline styles only (a
+``<style>`` element would leak into the whole page). Every value goes through html.escape.
 """
 
 import html
@@ -18,6 +25,40 @@ _TITLES = {
     "crash_report": "the kernel died",
 }
 
+# Colours: JupyterLab's theme variables, with its light theme's values as fallbacks (the
+# classic nbconvert template and other frontends define none of them). Text colour is never
+# set, so it is the frontend's own (dark on light, light on dark); backgrounds are
+# translucent tints that keep that text readable on either.
+WARN = "var(--jp-warn-color1, #f57c00)"
+ERROR = "var(--jp-error-color1, #d32f2f)"
+_TINT = {"warn": "rgba(245, 124, 0, 0.10)", "error": "rgba(211, 47, 47, 0.10)"}
+_EDGE = {"warn": "rgba(245, 124, 0, 0.45)", "error": "rgba(211, 47, 47, 0.45)"}
+_ACCENT = {"warn": WARN, "error": ERROR}
+_TRACK = "rgba(128, 128, 128, 0.28)"
+_MARK = "var(--jp-ui-font-color0, #000)"
+_CALM = "var(--jp-warn-color2, #ffb74d)"  # the part of the usage within the budget/limit
+
+
+def _hatched(color):
+    """A striped fill: memory asked for or about to be allocated, not (yet) in use."""
+    return f"repeating-linear-gradient(135deg, {color} 0 3px, transparent 3px 6px)"
+
+
+def severity(alert):
+    """``'error'`` for what will fail or kill the kernel (limit, refusals, crash reports),
+    ``'warn'`` for the rest."""
+    if alert.get("kind") in ("limit", "crash_report") or alert.get("refused"):
+        return "error"
+    return "warn"
+
+
+def title(alert):
+    """The heading's words for the alert's kind."""
+    kind = alert.get("kind")
+    if alert.get("refused"):
+        return "allocation refused (raise mode)"
+    return _TITLES.get(kind, str(kind))
+
 
 def where(alert):
     """``'cell 5, line 3'`` (or what of it is known) for an alert dict."""
@@ -29,32 +70,89 @@ def where(alert):
     return ", ".join(parts) or "unknown line"
 
 
+def _pct(part, whole):
+    return f"{100.0 * part / whole:.0f}%" if whole else "n/a"
+
+
+def _blocks(count):
+    return f"{count:,} block{'' if count == 1 else 's'}"
+
+
+def _measure(alert):
+    """The figure the limit applies to, as a label: ``RSS``, ``address space``, ..."""
+    measure = alert.get("measure") or "used"
+    return "RSS" if measure == "rss" else measure
+
+
+def _limit_text(alert):
+    source = alert.get("limit_source")
+    return format_size(alert["limit"]) + (f" ({source})" if source else "")
+
+
+def key_figures(alert):
+    """The alert's key figures as ``[(label, value text)]``, units included, most telling
+    first: per kind (interface.md), then the cell's peak, budget and the limit."""
+    kind = alert.get("kind")
+    out = []
+    budget, limit, peak = alert.get("budget"), alert.get("limit"), alert.get("peak")
+    if kind == "sparse_to_dense":
+        rows, cols = alert.get("shape") or (0, 0)
+        out.append(("matrix", f"{str(alert.get('format', '?')).upper()} {rows:,} x {cols:,} "
+                              f"{alert.get('dtype', '')}".rstrip()))
+        if alert.get("density") is not None:
+            out.append(("density", f"{alert['density']:.2%} ({alert.get('nnz', 0):,} nonzeros)"))
+        out.append(("sparse", format_size(alert.get("sparse_bytes"))))
+        dense = f"{format_size(alert.get('dense_bytes'))}"
+        if alert.get("sparse_bytes"):
+            dense += f" ({alert['dense_bytes'] / alert['sparse_bytes']:.0f}x the sparse size)"
+        out.append(("dense", dense))
+        if (alert.get("count") or 0) > 1:
+            out.append(("densified", f"{alert['count']:,} times in this cell"))
+    elif kind == "accumulation":
+        out.append(("alive", _blocks(alert.get("count", 0))))
+        out.append(("retained", format_size(alert.get("retained_bytes"))))
+    elif kind == "limit":
+        if alert.get("used_bytes") is not None:
+            used = format_size(alert["used_bytes"])
+            if limit:
+                used += f" ({_pct(alert['used_bytes'], limit)} of the limit)"
+            out.append((_measure(alert), used))
+        if alert.get("request_bytes"):
+            out.append(("refused" if alert.get("refused") else "asked",
+                        format_size(alert["request_bytes"])))
+    elif kind == "budget":
+        if alert.get("refused") and alert.get("request_bytes"):
+            out.append(("refused", format_size(alert["request_bytes"])))
+        elif alert.get("request_bytes"):
+            out.append(("crossed by", f"an allocation of {format_size(alert['request_bytes'])}"))
+        top = alert.get("top_site") or {}
+        if top.get("line") is not None and top.get("bytes"):
+            out.append((f"line {top['line']} holds",
+                        f"{format_size(top['bytes'])} in {_blocks(top.get('count', 0))}"))
+        if alert.get("untracked_bytes"):
+            out.append(("untracked", format_size(alert["untracked_bytes"])))
+            if alert.get("rss_growth") is not None:
+                out.append(("RSS growth", format_size(alert["rss_growth"])))
+    if peak is not None:
+        out.append(("cell peak", format_size(peak)))
+    if budget:
+        out.append(("budget", format_size(budget)
+                    + (f" ({_pct(peak, budget)} used)" if kind == "budget" and peak else "")))
+    if limit:
+        out.append(("limit", _limit_text(alert)))
+    return out
+
+
 def figures(alert):
     """The alert's key figures as one line of text, units included."""
-    parts = [f"peak {format_size(alert.get('peak'))}"]
-    if alert.get("budget"):
-        parts.append(f"budget {format_size(alert['budget'])}")
-    if alert.get("limit"):
-        parts.append(f"limit {format_size(alert['limit'])} ({alert.get('limit_source')})")
-    if alert["kind"] == "accumulation":
-        parts.insert(0, f"{alert['count']:,} live blocks, {format_size(alert['retained_bytes'])} "
-                        f"retained")
-    if alert["kind"] == "budget" and alert.get("rss_bytes") is not None:
-        parts.append(f"RSS {format_size(alert['rss_bytes'])}, untracked growth "
-                     f"{format_size(alert['untracked_bytes'])}")
-    if alert["kind"] == "sparse_to_dense":
-        rows, cols = alert["shape"]
-        parts.insert(0, f"{alert['format']} {rows:,}x{cols:,} {alert['dtype']}, "
-                        f"nnz {alert['nnz']:,}, {format_size(alert['sparse_bytes'])} sparse -> "
-                        f"{format_size(alert['dense_bytes'])} dense")
-    return "; ".join(parts)
+    return "; ".join(f"{label} {value}" for label, value in key_figures(alert))
 
 
 def text(alert):
     """Two lines for terminals and logs: what happened where, then the figures (plus
     tracemalloc's top lines for a ``--trace`` cell)."""
-    title = _TITLES.get(alert["kind"], alert["kind"])
-    out = f"memguard: {title} ({where(alert)}): {alert['message']}\n  {figures(alert)}"
+    message = " ".join(str(alert.get("message", "")).split())
+    out = f"memguard: {title(alert)} ({where(alert)}): {message}\n  {figures(alert)}"
     for line in _trace_lines(alert):
         out += f"\n  traced: {line}"
     return out
@@ -66,36 +164,176 @@ def _trace_lines(alert):
     return format_top(alert.get("trace") or [])
 
 
+def split_message(message):
+    """``(what happened, what to do)``: the alert's one sentence cut before its advice
+    (the last ". " or else the last "; ", which becomes a full stop), so the box can show
+    them apart. Returns ``(message, "")`` when there is no such cut. No word is lost."""
+    message = " ".join(str(message or "").split())
+    for sep in (". ", "; "):
+        cut = message.rfind(sep)
+        if cut > 0 and cut + len(sep) < len(message):
+            head, tail = message[:cut] + ".", message[cut + len(sep):]
+            return head, tail[:1].upper() + tail[1:]
+    return message, ""
+
+
+# --- the usage bar ------------------------------------------------------------------------
+
+def _bar_parts(alert):
+    """``(segments, markers, shown)`` for the usage bar: segments ``(bytes, fill, label)``
+    laid end to end, markers ``(bytes, label)`` drawn as ticks (budget, limit), and the
+    labels of key_figures that the bar's legend already says."""
+    kind = alert.get("kind")
+    sev = severity(alert)
+    budget, limit = alert.get("budget") or 0, alert.get("limit") or 0
+    peak = max(0, alert.get("peak") or 0)
+    cap = budget or limit
+    segments = []
+
+    def used(nbytes, label):
+        """In-use memory, calm up to the cap and red past it."""
+        within = min(nbytes, cap) if cap else nbytes
+        if within > 0:
+            segments.append((within, _CALM, f"{label} {format_size(nbytes)}"))
+        if cap and nbytes > cap:
+            name = "budget" if cap == budget else "limit"
+            segments.append((nbytes - cap, ERROR,
+                             f"{format_size(nbytes - cap)} of it over the {name}"))
+
+    if kind == "limit":
+        cap = limit
+        used(max(0, alert.get("used_bytes") or 0), _measure(alert))
+        if alert.get("request_bytes"):
+            label = "refused" if alert.get("refused") else "asked"
+            segments.append((alert["request_bytes"], _hatched(ERROR),
+                             f"{label} {format_size(alert['request_bytes'])}"))
+        markers = [(limit, f"limit {_limit_text(alert)}")] if limit else []
+        return segments, markers, {"limit"} if limit else set()
+    if kind == "sparse_to_dense":
+        used(peak, "in use")
+        segments.append((alert.get("dense_bytes") or 0, _hatched(_ACCENT[sev]),
+                         f"dense array {format_size(alert.get('dense_bytes'))}"))
+    elif kind == "accumulation":
+        retained = min(peak, alert.get("retained_bytes") or 0) if peak else (
+            alert.get("retained_bytes") or 0)
+        rest = max(0, peak - retained)
+        line = alert.get("line")
+        segments.append((retained, _ACCENT[sev],
+                         f"{'line ' + str(line) if line else 'the line'} keeps "
+                         f"{format_size(alert.get('retained_bytes'))}"))
+        if rest:
+            segments.append((rest, _CALM, f"rest of the cell {format_size(rest)}"))
+    elif alert.get("refused"):
+        used(peak, "in use")
+        segments.append((alert.get("request_bytes") or 0, _hatched(ERROR),
+                         f"refused {format_size(alert.get('request_bytes'))}"))
+    else:  # budget
+        used(peak, "used")
+        if alert.get("untracked_bytes"):
+            segments.append((alert["untracked_bytes"], _hatched(_ACCENT[sev]),
+                             f"untracked {format_size(alert['untracked_bytes'])}"))
+    markers, shown = [], set()
+    if alert.get("untracked_bytes") and kind == "budget" and not alert.get("refused"):
+        shown.add("untracked")
+    if budget:
+        use = f" ({_pct(peak, budget)} used)" if kind == "budget" and peak else ""
+        markers.append((budget, f"budget {format_size(budget)}{use}"))
+        shown.add("budget")
+    if limit and (not budget or limit <= 4 * max(budget, sum(s[0] for s in segments))):
+        markers.append((limit, f"limit {_limit_text(alert)}"))
+        shown.add("limit")
+    return segments, markers, shown
+
+
+def _swatch(fill):
+    return (f'<span aria-hidden="true" style="display:inline-block;width:0.9em;height:0.9em;'
+            f'margin-right:0.3em;vertical-align:-0.1em;border-radius:2px;background:{fill}">'
+            f'</span>')
+
+
 def _bar(alert):
-    used = alert.get("peak") or 0
-    cap = alert.get("budget") or alert.get("limit") or 0
-    if alert["kind"] == "sparse_to_dense":
-        used = alert["dense_bytes"]
-    if cap <= 0:
+    """The usage bar and its legend (the legend says in words what the colours show)."""
+    segments, markers, _ = _bar_parts(alert)
+    segments = [s for s in segments if s[0] > 0]
+    if not segments:
         return ""
-    pct = min(100.0, 100.0 * used / cap)
-    color = "var(--jp-error-color1, #d32f2f)" if used > cap else "var(--jp-warn-color1, #f57c00)"
-    label = html.escape(f"{format_size(used)} of {format_size(cap)} ({100.0 * used / cap:.0f}%)")
+    total = sum(s[0] for s in segments)
+    scale = max([total] + [m[0] for m in markers])
+    label = "; ".join([s[2] for s in segments] + [m[1] for m in markers])
+    parts, left = [], 0.0
+    for nbytes, fill, _ in segments:
+        width = 100.0 * nbytes / scale
+        parts.append(f'<div style="position:absolute;top:0;bottom:0;left:{left:.2f}%;'
+                     f'width:{width:.2f}%;min-width:2px;background:{fill}"></div>')
+        left += width
+    for nbytes, _ in markers:
+        pos = min(100.0, 100.0 * nbytes / scale)
+        parts.append(f'<div style="position:absolute;top:0;bottom:0;left:calc({pos:.2f}% - 2px);'
+                     f'width:2px;background:{_MARK}"></div>')
+    legend = [f'<span style="white-space:nowrap;margin-right:1em">{_swatch(fill)}'
+              f'{html.escape(text_)}</span>' for _, fill, text_ in segments]
+    legend += [f'<span style="white-space:nowrap;margin-right:1em">'
+               f'<span aria-hidden="true" style="display:inline-block;width:2px;height:0.9em;'
+               f'margin:0 0.45em 0 0.35em;vertical-align:-0.1em;background:{_MARK}"></span>'
+               f'{html.escape(text_)}</span>' for _, text_ in markers]
     return (
-        '<div style="margin-top:4px;height:8px;width:100%;max-width:32em;'
-        'background:var(--jp-layout-color3, #ddd);border-radius:4px" role="meter" '
-        f'aria-valuemin="0" aria-valuemax="{cap}" aria-valuenow="{used}" aria-label="{label}">'
-        f'<div style="height:8px;width:{pct:.1f}%;background:{color};border-radius:4px"></div>'
-        f'</div><div style="font-size:90%">{label}</div>'
+        f'<div role="img" aria-label="{html.escape(label)}" style="position:relative;'
+        f'height:10px;max-width:36em;margin:6px 0 3px;background:{_TRACK};border-radius:3px;'
+        f'overflow:hidden">{"".join(parts)}</div>'
+        f'<div style="font-size:90%;line-height:1.5">{"".join(legend)}</div>'
     )
+
+
+# --- the box ------------------------------------------------------------------------------
+
+def box_style(sev):
+    """The inline style of an alert box of severity ``'warn'`` or ``'error'`` (also used by
+    report.py for the post-crash report, so every memguard box looks alike)."""
+    return (f"box-sizing:border-box;max-width:60em;margin:4px 0;padding:6px 10px 8px 10px;"
+            f"border:1px solid {_EDGE[sev]};border-left:4px solid {_ACCENT[sev]};"
+            f"border-radius:4px;background:{_TINT[sev]};line-height:1.45")
+
+
+def heading(sev, words, place=""):
+    """The box's first line: a warning sign, ``memguard: <words>`` and where."""
+    where_ = (f' <span style="font-weight:normal;opacity:0.8">&middot; '
+              f'{html.escape(place)}</span>' if place else "")
+    return (f'<div style="font-weight:600"><span aria-hidden="true" style="color:{_ACCENT[sev]}">'
+            f'&#9888;</span> memguard: {html.escape(words)}{where_}</div>')
+
+
+def advice(todo, label="What to do:"):
+    """The box's last line: the suggested fix."""
+    if not todo:
+        return ""
+    return (f'<div style="margin-top:4px"><span style="font-weight:600">{html.escape(label)}'
+            f'</span> {html.escape(todo)}</div>')
+
+
+def _figures_html(alert):
+    """The key figures the bar's legend does not already say."""
+    segments, _, shown = _bar_parts(alert)
+    if not any(s[0] > 0 for s in segments):
+        shown = set()
+    items = "".join(
+        f'<span style="white-space:nowrap;margin-right:1.2em"><span style="opacity:0.8">'
+        f'{html.escape(label)}</span> <span style="font-weight:600">{html.escape(value)}'
+        f'</span></span> ' for label, value in key_figures(alert) if label not in shown)
+    return f'<div style="font-size:90%;margin-top:2px">{items}</div>'
 
 
 def html_alert(alert):
     """A compact, self-contained HTML box for the alert."""
-    title = html.escape(_TITLES.get(alert["kind"], alert["kind"]))
+    sev = severity(alert)
+    kind = str(alert.get("kind", "alert"))
+    what, todo = split_message(alert.get("message"))
+    label = "Then:" if alert.get("refused") else "What to do:"
     return (
-        '<div class="memguard-alert" style="border-left:4px solid '
-        'var(--jp-warn-color1, #f57c00);padding:4px 8px;margin:2px 0;'
-        'color:var(--jp-ui-font-color1, inherit);background:var(--jp-layout-color2, #fff8e1)">'
-        f"<b>memguard: {title}</b> <span>({html.escape(where(alert))})</span>"
-        f"<div>{html.escape(alert['message'])}</div>"
-        f'<div style="font-size:90%">{html.escape(figures(alert))}</div>'
-        f"{_bar(alert)}{_trace_html(alert)}</div>"
+        f'<div class="memguard-alert memguard-{html.escape(kind)}" role="alert" '
+        f'aria-label="{html.escape("memguard: " + title(alert))}" style="{box_style(sev)}">'
+        f"{heading(sev, title(alert), where(alert))}"
+        f"<div>{html.escape(what[:1].upper() + what[1:])}</div>"
+        f"{_bar(alert)}{_figures_html(alert)}{advice(todo, label)}{_trace_html(alert)}</div>"
     )
 
 
@@ -104,17 +342,32 @@ def _trace_html(alert):
     if not lines:
         return ""
     items = "".join(f"<li><code>{html.escape(line)}</code></li>" for line in lines)
-    return f'<div style="font-size:90%">tracemalloc, largest first:<ul>{items}</ul></div>'
+    return (f'<div style="font-size:90%;margin-top:4px">tracemalloc, largest first:'
+            f'<ul style="margin:2px 0">{items}</ul></div>')
 
+
+def _fallback_html(plain):
+    return f'<pre class="memguard-alert">{html.escape(plain)}</pre>'
 
 
 def alert_bundle(alert):
-    """The ``data`` of the IOPub message: the three MIME types of interface.md."""
+    """The ``data`` of the IOPub message: the three MIME types of interface.md.
+
+    Rendering runs on the relay thread: a field missing from an alert must not stop the
+    alert, so a failed rendering falls back to the message itself."""
     if alert["kind"] == "crash_report":
         from . import report
 
         return report.bundle(alert)
-    return {"text/plain": text(alert), "text/html": html_alert(alert), ALERT_MIME: alert}
+    try:
+        plain = text(alert)
+    except Exception:  # noqa: BLE001 - see the docstring
+        plain = f"memguard: {alert.get('kind')} ({where(alert)}): {alert.get('message', '')}"
+    try:
+        rich = html_alert(alert)
+    except Exception:  # noqa: BLE001
+        rich = _fallback_html(plain)
+    return {"text/plain": plain, "text/html": rich, ALERT_MIME: alert}
 
 
 def status_bundle(rows):

@@ -153,11 +153,17 @@ def _svg(alert):
 
 
 def html_report(alert):
-    """A self-contained HTML box (no JavaScript, no IFrame)."""
+    """A self-contained HTML box (no JavaScript, no IFrame), in the style of render.py's
+    alert boxes: the same frame, heading and colours, readable in light and dark themes."""
+    from . import render
+
+    mark = "background:rgba(245, 124, 0, 0.30);font-weight:600;"
     rows = "".join(
-        f"<div style='font-family:monospace;white-space:pre;"
-        f"{'background:var(--jp-warn-color3, #ffe0b2);' if here else ''}'>"
-        f"{n:4d} | {html.escape(code)}</div>" for n, code, here in alert["source"])
+        f"<div style='{mark if here else ''}'>{'&rarr;' if here else '&nbsp;'} {n:4d} | "
+        f"{html.escape(code)}</div>" for n, code, here in alert["source"])
+    if rows:
+        rows = (f"<div style='font-family:var(--jp-code-font-family, monospace);font-size:90%;"
+                f"white-space:pre;overflow-x:auto;margin:4px 0'>{rows}</div>")
     sites = "".join(
         f"<li>{html.escape(format_size(s['bytes']))} in {s['count']} blocks "
         f"({html.escape('cell ' + str(s['cell']) if s['cell'] is not None else 'an earlier cell')}"
@@ -165,15 +171,18 @@ def html_report(alert):
     alerts = "".join(f"<li><b>{html.escape(a['kind'])}</b>: {html.escape(a['message'])}</li>"
                      for a in alert["alerts"])
     todo = "".join(f"<li>{html.escape(s)}</li>" for s in alert["suggestions"])
+    ul = "<ul style='margin:2px 0 4px 0;padding-left:1.5em'>"
+    head = "<div style='margin-top:4px;font-weight:600'>"
+    place = render.where(alert) if alert.get("cell") is not None else ""
     return (
-        '<div class="memguard-alert memguard-crash" style="border-left:4px solid '
-        'var(--jp-error-color1, #d32f2f);padding:4px 8px;margin:2px 0;'
-        'color:var(--jp-ui-font-color1, inherit);background:var(--jp-layout-color2, #ffebee)">'
-        f"<b>memguard: the kernel died</b><div>{html.escape(alert['message'])}</div>"
+        f'<div class="memguard-alert memguard-crash" role="alert" '
+        f'aria-label="memguard: the kernel died" style="{render.box_style("error")}">'
+        f'{render.heading("error", "the kernel died", place)}'
+        f"<div>{html.escape(alert['message'])}</div>"
         f"{rows}{_svg(alert)}"
-        + (f"<div>Memory still held when it died:<ul>{sites}</ul></div>" if sites else "")
-        + (f"<div>Alerts before the death:<ul>{alerts}</ul></div>" if alerts else "")
-        + f"<div>What to change:<ul>{todo}</ul></div></div>"
+        + (f"{head}Memory still held when it died:</div>{ul}{sites}</ul>" if sites else "")
+        + (f"{head}Alerts before the death:</div>{ul}{alerts}</ul>" if alerts else "")
+        + f"{head}What to change:</div>{ul}{todo}</ul></div>"
     )
 
 
