@@ -7,8 +7,9 @@
 
 /* Written by mg_acct_set_enabled (release); read by hooks (relaxed). */
 static _Atomic int s_enabled = 0;
-/* Written by hooks (relaxed RMW); read by everyone (relaxed). Live bytes since install. */
-static _Atomic int64_t s_tracked = 0;
+/* Written by hooks (relaxed RMW); read by everyone (relaxed). Live bytes since install, per
+ * allocator domain; the tracked total is their sum (tracked_sum), so a hook pays one atomic
+ * read-modify-write per call, not two (bench/overhead.py, small_arrays). */
 static _Atomic int64_t s_domain[MG_DOMAIN_COUNT];
 /* Written by mg_acct_cell_begin (relaxed, GIL held); read by hooks and the monitor. */
 static _Atomic int64_t s_cell_start = 0;
@@ -44,14 +45,29 @@ MG_HOOKSAFE int mg_acct_enabled(void)
     return atomic_load_explicit(&s_enabled, memory_order_relaxed);
 }
 
+/* Live tracked bytes: the sum of the domains, each read once (relaxed), so the total may mix
+ * instants a few instructions apart, as any snapshot does. Hook-safe. */
+static int64_t tracked_sum(void)
+{
+    int64_t sum = 0;
+
+    for (int d = 0; d < MG_DOMAIN_COUNT; d++)
+        sum += atomic_load_explicit(&s_domain[d], memory_order_relaxed);
+    return sum;
+}
+
 MG_HOOKSAFE int mg_acct_alloc(mg_domain_t d, size_t n)
 {
-    int64_t now;
+    int64_t now = (int64_t)n;
     int64_t peak;
     int64_t budget;
 
-    atomic_fetch_add_explicit(&s_domain[d], (int64_t)n, memory_order_relaxed);
-    now = atomic_fetch_add_explicit(&s_tracked, (int64_t)n, memory_order_relaxed) + (int64_t)n;
+    for (int i = 0; i < MG_DOMAIN_COUNT; i++) {
+        if (i == (int)d)
+            now += atomic_fetch_add_explicit(&s_domain[i], (int64_t)n, memory_order_relaxed);
+        else
+            now += atomic_load_explicit(&s_domain[i], memory_order_relaxed);
+    }
     peak = atomic_load_explicit(&s_cell_peak, memory_order_relaxed);
     while (now > peak &&
            !atomic_compare_exchange_weak_explicit(&s_cell_peak, &peak, now,
@@ -69,13 +85,11 @@ MG_HOOKSAFE int mg_acct_alloc(mg_domain_t d, size_t n)
 MG_HOOKSAFE void mg_acct_free(mg_domain_t d, size_t n)
 {
     atomic_fetch_sub_explicit(&s_domain[d], (int64_t)n, memory_order_relaxed);
-    atomic_fetch_sub_explicit(&s_tracked, (int64_t)n, memory_order_relaxed);
 }
 
 MG_HOOKSAFE int64_t mg_acct_cell_usage(void)
 {
-    return atomic_load_explicit(&s_tracked, memory_order_relaxed) -
-           atomic_load_explicit(&s_cell_start, memory_order_relaxed);
+    return tracked_sum() - atomic_load_explicit(&s_cell_start, memory_order_relaxed);
 }
 
 MG_HOOKSAFE int64_t mg_acct_budget(void)
@@ -95,7 +109,7 @@ MG_HOOKSAFE int64_t mg_acct_epoch(void)
 
 void mg_acct_cell_begin(int64_t epoch, int64_t budget)
 {
-    int64_t now = atomic_load_explicit(&s_tracked, memory_order_relaxed);
+    int64_t now = tracked_sum();
 
     /* Budget 0 first, so no hook compares a new start against the old cell's budget. */
     atomic_store_explicit(&s_budget, 0, memory_order_relaxed);
@@ -114,9 +128,11 @@ void mg_acct_set_budget(int64_t budget)
 
 void mg_acct_snapshot(mg_acct_snapshot_t *out)
 {
-    out->tracked = atomic_load_explicit(&s_tracked, memory_order_relaxed);
-    for (int d = 0; d < MG_DOMAIN_COUNT; d++)
+    out->tracked = 0;
+    for (int d = 0; d < MG_DOMAIN_COUNT; d++) {
         out->domain[d] = atomic_load_explicit(&s_domain[d], memory_order_relaxed);
+        out->tracked += out->domain[d];
+    }
     out->cell_start = atomic_load_explicit(&s_cell_start, memory_order_relaxed);
     out->cell_peak = atomic_load_explicit(&s_cell_peak, memory_order_relaxed);
     out->budget = atomic_load_explicit(&s_budget, memory_order_relaxed);
@@ -188,7 +204,6 @@ void mg_acct_refusal(mg_acct_refusal_t *out)
 
 void mg_acct_reset(void)
 {
-    atomic_store(&s_tracked, 0);
     for (int d = 0; d < MG_DOMAIN_COUNT; d++)
         atomic_store(&s_domain[d], 0);
     atomic_store(&s_cell_start, 0);
