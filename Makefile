@@ -27,7 +27,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: all demo test ctest pytest check-asan check-valgrind test-compat lock clean deps \
 	fuzz fuzz-short check-sanitize \
-	bench bench-latency bench-attribution bench-monitor \
+	bench bench-latency bench-attribution bench-monitor bench-overhead bench-quick bench-callgrind \
 	test-browser
 
 all: .stamp-installed
@@ -79,7 +79,9 @@ ctest: $(C_TESTS)
 pytest: .stamp-installed
 	cd tests && ../$(VPY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) .
 
-test: ctest pytest fuzz-short
+# CI (.ci/run) runs this: the C tests also under ASan+UBSan and valgrind (the C part of
+# check-sanitize), and each fuzz target for 5 s.
+test: ctest pytest fuzz-short check-asan check-valgrind
 
 fuzz-short:
 	$(MAKE) fuzz FUZZ_SECONDS=5
@@ -151,7 +153,7 @@ check-valgrind: $(C_TESTS)
 
 # --- benchmarks -------------------------------------------------------------------------
 # `make bench` runs every benchmark; each writes its figures to build/.
-bench: bench-latency bench-attribution bench-monitor
+bench: bench-latency bench-attribution bench-monitor bench-overhead
 
 # Alert latency (bench/alert_latency.py): crossing allocation -> IOPub alert at a client,
 # p50/p99/max per scenario; BENCH_ARGS="--quick" or "--runs 50" to change it.
@@ -165,6 +167,26 @@ bench-attribution: .stamp-installed
 # The monitor thread's own CPU time, with and without the black box (bench/monitor_cost.py).
 bench-monitor: .stamp-installed
 	$(VPY) bench/monitor_cost.py $(BENCH_ARGS)
+
+# The peers bench/overhead.py compares with (memray, scalene, fil), pinned in
+# requirements/bench.txt and installed into the venv here only: `make test` never needs
+# them. Offline, the benchmark still runs and reports them as n/a.
+$(VENV)/.stamp-bench: requirements/bench.txt $(VENV)/.stamp-deps
+	@if $(VPY) -m pip install -q -r requirements/bench.txt; then touch $@; \
+	else echo "bench: peers not installed; bench-overhead reports them as n/a"; fi
+
+# Overhead against plain Python, tracemalloc and the peers (bench/overhead.py): table and
+# build/bench.json. bench-quick: smaller inputs, fewer rounds, under 3 minutes.
+bench-overhead: .stamp-installed $(VENV)/.stamp-bench
+	$(VPY) bench/overhead.py $(BENCH_ARGS)
+
+bench-quick: .stamp-installed $(VENV)/.stamp-bench
+	$(VPY) bench/overhead.py --quick $(BENCH_ARGS)
+
+# Instruction counts under valgrind's callgrind (build/bench_callgrind.json): ratios that
+# do not drift with machine load. Not part of `make bench` (about 10 minutes).
+bench-callgrind: .stamp-installed $(VENV)/.stamp-bench
+	$(VPY) bench/overhead.py --callgrind $(BENCH_ARGS)
 
 # --- Debian 12's own stack: /usr/bin/python3, ipykernel 6.17, NumPy 1.24 ------------------
 .venv-compat/.stamp: Makefile
