@@ -17,6 +17,14 @@ from jupyter_client.manager import KernelManager, start_new_kernel
 
 ALERT_MIME = "application/vnd.memguard.alert+json"
 TIMEOUT = 120  # seconds for one cell
+# Cell code binding get_handler_name (the NEP 49 handler's name) on NumPy 2 (numpy._core)
+# and on NumPy 1.x (numpy.core, Debian 12's 1.24 in `make test-compat`).
+IMPORT_GET_HANDLER_NAME = (
+    "try:\n"
+    "    from numpy._core.multiarray import get_handler_name\n"
+    "except ImportError:  # NumPy 1.x\n"
+    "    from numpy.core.multiarray import get_handler_name\n"
+)
 
 
 class Execution:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import Kernel
+from conftest import IMPORT_GET_HANDLER_NAME, Kernel
 
 MB = 10**6
 
@@ -77,8 +77,7 @@ def test_unload_and_reload_ten_times_with_arrays_crossing_loads(bare_kernel):
                    "print(abs(s['tracked']) < 2**30, c.relay_stats()['running'])")
     assert ex.stdout.strip().splitlines()[-1] == "True 1"
     k.execute("%unload_ext memguard")
-    restored = k.execute("import numpy as np\n"
-                         "from numpy._core.multiarray import get_handler_name\n"
+    restored = k.execute("import numpy as np\n" + IMPORT_GET_HANDLER_NAME +
                          "print(sys.getswitchinterval(), get_handler_name())")
     interval, handler = restored.stdout.split()
     assert float(interval) == 0.005  # Python's default, put back

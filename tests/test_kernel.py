@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from conftest import Kernel
+from conftest import IMPORT_GET_HANDLER_NAME, Kernel
 
 
 def test_loading_prints_one_line_with_limit_budget_and_mode(bare_kernel):
@@ -129,10 +129,7 @@ def test_array_created_in_a_later_cell_uses_memguard_handler(kernel):
     kernel.execute("import numpy as np")
     ex = kernel.execute(
         "import threading\n"
-        "try:\n"
-        "    from numpy._core.multiarray import get_handler_name\n"
-        "except ImportError:  # NumPy 1.x\n"
-        "    from numpy.core.multiarray import get_handler_name\n"
+        + IMPORT_GET_HANDLER_NAME +
         "names = [get_handler_name(), get_handler_name(np.ones(10))]\n"
         "t = threading.Thread(target=lambda: names.append(get_handler_name(np.ones(10))))\n"
         "t.start(); t.join()\n"
