@@ -39,7 +39,6 @@ static int rss_fd(void)
     return fd;
 }
 
-/* Parse the first two fields of /proc/self/statm (size, resident; in pages). */
 int mg_rss_parse_number(const char *buf, size_t len, size_t *used, int64_t *out)
 {
     int64_t v = 0;
@@ -60,7 +59,7 @@ int mg_rss_parse_number(const char *buf, size_t len, size_t *used, int64_t *out)
 int mg_rss_parse_statm(const char *buf, size_t len, int64_t *vm_pages, int64_t *rss_pages)
 {
     size_t used;
-    size_t at = 0;
+    size_t at;
 
     if (mg_rss_parse_number(buf, len, &used, vm_pages) < 0)
         return -1;
@@ -73,6 +72,7 @@ int mg_rss_parse_statm(const char *buf, size_t len, int64_t *vm_pages, int64_t *
     return 0;
 }
 
+/* The first two fields of /proc/self/statm (size, resident), in bytes. */
 static int rss_read_statm(int64_t *vm, int64_t *rss)
 {
     char buf[128];

@@ -4,7 +4,7 @@ Each function returns a plain dict with at least ``kind``, ``cell``, ``line``, `
 ``budget``, ``limit``, ``limit_source``, ``peak`` and ``message``; sizes are integer bytes.
 """
 
-from .sizes import format_size
+from .sizes import format_blocks, format_size
 
 
 def _base(kind, state, cell, line, nbytes, peak, budget):
@@ -54,8 +54,7 @@ def budget_alert(state, cell, line, usage, peak, budget, request, gap, top_site=
     most = ""
     if top_site and top_site.get("line") is not None and top_site["bytes"] > 0:
         most = (f"; most of it is held by line {top_site['line']} "
-                f"({format_size(top_site['bytes'])} in {top_site['count']} "
-                f"block{'s' if top_site['count'] != 1 else ''})")
+                f"({format_size(top_site['bytes'])} in {format_blocks(top_site['count'])})")
     alert["message"] = (
         f"This cell has used {format_size(peak)}, over its budget of {format_size(budget)} "
         f"(crossed{at}){most}; free what you no longer need (del), work in chunks, "

@@ -13,7 +13,7 @@ and after ``jupyter nbconvert --to html``; no JavaScript, no IFrame, inline styl
 
 import html
 
-from .sizes import format_size
+from .sizes import format_blocks, format_size
 
 ALERT_MIME = "application/vnd.memguard.alert+json"
 
@@ -74,10 +74,6 @@ def _pct(part, whole):
     return f"{100.0 * part / whole:.0f}%" if whole else "n/a"
 
 
-def _blocks(count):
-    return f"{count:,} block{'' if count == 1 else 's'}"
-
-
 def _measure(alert):
     """The figure the limit applies to, as a label: ``RSS``, ``address space``, ..."""
     measure = alert.get("measure") or "used"
@@ -109,7 +105,7 @@ def key_figures(alert):
         if (alert.get("count") or 0) > 1:
             out.append(("densified", f"{alert['count']:,} times in this cell"))
     elif kind == "accumulation":
-        out.append(("alive", _blocks(alert.get("count", 0))))
+        out.append(("alive", format_blocks(alert.get("count", 0))))
         out.append(("retained", format_size(alert.get("retained_bytes"))))
     elif kind == "limit":
         if alert.get("used_bytes") is not None:
@@ -128,7 +124,7 @@ def key_figures(alert):
         top = alert.get("top_site") or {}
         if top.get("line") is not None and top.get("bytes"):
             out.append((f"line {top['line']} holds",
-                        f"{format_size(top['bytes'])} in {_blocks(top.get('count', 0))}"))
+                        f"{format_size(top['bytes'])} in {format_blocks(top.get('count', 0))}"))
         if alert.get("untracked_bytes"):
             out.append(("untracked", format_size(alert["untracked_bytes"])))
             if alert.get("rss_growth") is not None:

@@ -11,7 +11,7 @@ import io
 import time
 
 from .render import ALERT_MIME
-from .sizes import format_size
+from .sizes import format_blocks, format_size
 
 # What to change, per detector that fired before the death (the product's rules, README).
 SUGGESTIONS = {
@@ -120,7 +120,8 @@ def text(alert):
     for site in alert["top_sites"]:
         where = f"cell {site['cell']}" if site["cell"] is not None else "an earlier cell"
         where += f", line {site['line']}" if site["line"] else ""
-        out.append(f"  held: {format_size(site['bytes'])} in {site['count']} blocks ({where})")
+        out.append(f"  held: {format_size(site['bytes'])} in {format_blocks(site['count'])} "
+                   f"({where})")
     for a in alert["alerts"]:
         out.append(f"  alert before the death: {a['kind']}: {a['message']}")
     for s in alert["suggestions"]:
@@ -165,7 +166,7 @@ def html_report(alert):
         rows = (f"<div style='font-family:var(--jp-code-font-family, monospace);font-size:90%;"
                 f"white-space:pre;overflow-x:auto;margin:4px 0'>{rows}</div>")
     sites = "".join(
-        f"<li>{html.escape(format_size(s['bytes']))} in {s['count']} blocks "
+        f"<li>{html.escape(format_size(s['bytes']))} in {format_blocks(s['count'])} "
         f"({html.escape('cell ' + str(s['cell']) if s['cell'] is not None else 'an earlier cell')}"
         f"{', line ' + str(s['line']) if s['line'] else ''})</li>" for s in alert["top_sites"])
     alerts = "".join(f"<li><b>{html.escape(a['kind'])}</b>: {html.escape(a['message'])}</li>"

@@ -52,3 +52,8 @@ def format_size(n):
         return "n/a"
     sign = "-" if n < 0 else ""
     return sign + humanfriendly.format_size(abs(int(n)))
+
+
+def format_blocks(count):
+    """A block count (int) as text with its noun, e.g. ``'1 block'``, ``'1,200 blocks'``."""
+    return f"{count:,} block{'' if count == 1 else 's'}"

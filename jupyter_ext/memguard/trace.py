@@ -92,12 +92,12 @@ def _short(path):
 def format_top(rows):
     """Text lines for the alert's plain-text form: ``12.0 MB in 3 blocks: cell line 4 <-
     numpy/_core/numeric.py:213``."""
-    from .sizes import format_size
+    from .sizes import format_blocks, format_size
 
     out = []
     for row in rows:
         frames = " <- ".join(
             f"cell line {f['line']}" if f["cell"] else f"{f['file']}:{f['line']}"
             for f in row["frames"][:4])
-        out.append(f"{format_size(row['bytes'])} in {row['count']} blocks: {frames}")
+        out.append(f"{format_size(row['bytes'])} in {format_blocks(row['count'])}: {frames}")
     return out
