@@ -18,7 +18,7 @@ CC ?= cc
 CFLAGS_TEST := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -g -O1 -Iinclude -Itests
 ASAN := -fsanitize=address,undefined -fno-omit-frame-pointer
 # The C units that need no Python: they are what the TAP tests link.
-C_ENGINE := csrc/ring.c csrc/acct.c csrc/relay.c csrc/guard.c csrc/sites.c csrc/rss.c \
+C_ENGINE := csrc/ring.c csrc/acct.c csrc/monitor.c csrc/reentry.c csrc/sites.c csrc/measures.c \
 	csrc/blackbox.c
 C_TESTS := $(patsubst tests/t-%.c,tests/bin/t-%,$(wildcard tests/t-*.c))
 PYSRC := $(wildcard jupyter_ext/memguard/*.py)
@@ -145,7 +145,7 @@ check-sanitize: check-asan check-valgrind .stamp-installed
 	  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 	  ../$(VPY) -m pytest -q -p no:cacheprovider -x $(SAN_PYTEST) -k "$(SAN_DESELECT)"
 
-# The forked child in t-relay leaks the parent's zmq context on purpose (never touch it
+# The forked child in t-monitor leaks the parent's zmq context on purpose (never touch it
 # after fork), so the child's own report is silenced; the parent is checked in full.
 check-valgrind: $(C_TESTS)
 	for t in $(C_TESTS); do valgrind -q --error-exitcode=1 --leak-check=full --child-silent-after-fork=yes $$t >/dev/null || exit 1; done

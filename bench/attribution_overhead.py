@@ -65,13 +65,13 @@ if mode != "plain":
         import os, tempfile
         box_dir = tempfile.mkdtemp(prefix="mg-bench-")
         core.blackbox_open(os.path.join(box_dir, "bench.mgbox"), "bench.json")
-        core.relay_start("ipc://" + os.path.join(box_dir, "relay"))
+        core.monitor_start("ipc://" + os.path.join(box_dir, "relay"))
 t0 = time.perf_counter()
 {body}
 t1 = time.perf_counter()
 if mode == "box":
     import shutil
-    core.relay_stop()
+    core.monitor_stop()
     core.blackbox_close(True)
     shutil.rmtree(box_dir, ignore_errors=True)
 print(t1 - t0)

@@ -3,7 +3,7 @@ per second of wall time, with and without the black box open.
 
 Run: ``python bench/monitor_cost.py [--seconds S]`` (part of ``make bench``).
 
-The monitor (csrc/relay.c) wakes every 2 ms, samples RSS every 10 ms and, when the black
+The monitor (csrc/monitor.c) wakes every 2 ms, samples RSS every 10 ms and, when the black
 box is open, writes its state and a timeline sample every 100 ms (csrc/blackbox.c). Its
 CPU time is read from /proc/self/task/<tid>/schedstat (nanoseconds on a CPU)
 over ``--seconds`` of wall time, with 200 live sites in the table so a state write has work
@@ -34,14 +34,14 @@ def measure(seconds, box):
     tmp = tempfile.mkdtemp(prefix="mg-bench-")
     if box:
         core.blackbox_open(os.path.join(tmp, "bench.mgbox"), "bench.json")
-    core.relay_start("ipc://" + os.path.join(tmp, "relay"))
+    core.monitor_start("ipc://" + os.path.join(tmp, "relay"))
     time.sleep(0.05)
     (tid,) = [t for t in os.listdir("/proc/self/task")
               if open(f"/proc/self/task/{t}/comm").read().strip() == "memguard-mon"]
     cpu0, t0 = thread_cpu_seconds(tid), time.monotonic()
     time.sleep(seconds)
     cpu1, t1 = thread_cpu_seconds(tid), time.monotonic()
-    core.relay_stop()
+    core.monitor_stop()
     if box:
         core.blackbox_close(True)
     shutil.rmtree(tmp, ignore_errors=True)

@@ -3,7 +3,7 @@
 #include <stdatomic.h>
 
 #include "mg_acct.h"
-#include "mg_rss.h"
+#include "mg_measures.h"
 
 /* Written by mg_acct_set_enabled (release); read by hooks (relaxed). */
 static _Atomic int s_enabled = 0;
@@ -174,7 +174,7 @@ MG_HOOKSAFE mg_refusal_t mg_acct_check_request(size_t n)
         return MG_REFUSE_BUDGET;
     if (limit > 0) {
         int m = atomic_load_explicit(&s_limit_measure, memory_order_relaxed);
-        int64_t used = mg_rss_used((mg_measure_t)m);
+        int64_t used = mg_measures_used((mg_measure_t)m);
 
         /* used is 0 until the first sample: then only a request beyond the whole limit. */
         if (used + (int64_t)n > limit)

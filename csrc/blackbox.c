@@ -11,7 +11,7 @@
 
 #include "mg_acct.h"
 #include "mg_blackbox.h"
-#include "mg_rss.h"
+#include "mg_measures.h"
 #include "mg_sites.h"
 
 _Static_assert(sizeof(mg_bb_header_t) == 264, "header layout");
@@ -175,7 +175,7 @@ void mg_blackbox_tick(void)
 {
     mg_bb_file_t *f = atomic_load_explicit(&s_box, memory_order_acquire);
     mg_acct_snapshot_t a;
-    mg_rss_snapshot_t r;
+    mg_measures_snapshot_t r;
     mg_site_info_t sites[MG_BB_SITES];
     mg_bb_state_t *st;
     mg_bb_sample_t *sample;
@@ -189,7 +189,7 @@ void mg_blackbox_tick(void)
     if (f == NULL)
         return;
     mg_acct_snapshot(&a);
-    mg_rss_snapshot(&r);
+    mg_measures_snapshot(&r);
     mg_acct_get_limit(&limit, &measure, &fraction);
     if (r.last > s_rss_peak)
         s_rss_peak = r.last;
@@ -211,7 +211,7 @@ void mg_blackbox_tick(void)
     st->rss_peak = s_rss_peak;
     st->budget = a.budget;
     st->limit = limit;
-    st->limit_used = mg_rss_used((mg_measure_t)measure);
+    st->limit_used = mg_measures_used((mg_measure_t)measure);
     st->limit_measure = measure;
     st->raise = mg_acct_raise();
     for (int i = 0; i < count; i++) {

@@ -12,7 +12,7 @@
 #include <numpy/arrayobject.h>
 
 #include "mg_acct.h"
-#include "mg_guard.h"
+#include "mg_reentry.h"
 #include "mg_hooks.h"
 
 /* Copy of the handler we wrap (NumPy's default), taken before the default capsule is
@@ -28,66 +28,66 @@ static int s_installed = 0;
 static void *np_malloc(void *ctx, size_t n)
 {
     PyDataMemAllocator *prev = ctx;
-    int was = mg_guard_enter();
+    int was = mg_reentry_enter();
     void *p;
 
     if (mg_hooks_refuse(was, n)) {
-        mg_guard_leave(was);
+        mg_reentry_leave(was);
         return NULL; /* raise mode: NumPy turns this into MemoryError */
     }
     p = prev->malloc(prev->ctx, n);
 
     mg_hooks_after_alloc(was, MG_DOMAIN_NUMPY, p);
-    mg_guard_leave(was);
+    mg_reentry_leave(was);
     return p;
 }
 
 static void *np_calloc(void *ctx, size_t nelem, size_t elsize)
 {
     PyDataMemAllocator *prev = ctx;
-    int was = mg_guard_enter();
+    int was = mg_reentry_enter();
     void *p;
 
     /* An overflowing product is left to calloc, which fails it. */
     if ((elsize == 0 || nelem <= SIZE_MAX / elsize) && mg_hooks_refuse(was, nelem * elsize)) {
-        mg_guard_leave(was);
+        mg_reentry_leave(was);
         return NULL;
     }
     p = prev->calloc(prev->ctx, nelem, elsize);
 
     mg_hooks_after_alloc(was, MG_DOMAIN_NUMPY, p);
-    mg_guard_leave(was);
+    mg_reentry_leave(was);
     return p;
 }
 
 static void *np_realloc(void *ctx, void *ptr, size_t n)
 {
     PyDataMemAllocator *prev = ctx;
-    int was = mg_guard_enter();
+    int was = mg_reentry_enter();
     int count = mg_hooks_counting(was);
     size_t cur = (count && ptr != NULL) ? malloc_usable_size(ptr) : 0;
     size_t old;
     void *p;
 
     if (count && n > cur && mg_hooks_refuse(was, n - cur)) {
-        mg_guard_leave(was);
+        mg_reentry_leave(was);
         return NULL; /* the old block stays valid, as after a failed realloc */
     }
     old = mg_hooks_realloc_old(count, ptr);
     p = prev->realloc(prev->ctx, ptr, n);
     mg_hooks_after_realloc(count, MG_DOMAIN_NUMPY, old, p);
-    mg_guard_leave(was);
+    mg_reentry_leave(was);
     return p;
 }
 
 static void np_free(void *ctx, void *ptr, size_t size)
 {
     PyDataMemAllocator *prev = ctx;
-    int was = mg_guard_enter();
+    int was = mg_reentry_enter();
 
     mg_hooks_before_free(was, MG_DOMAIN_NUMPY, ptr);
     prev->free(prev->ctx, ptr, size);
-    mg_guard_leave(was);
+    mg_reentry_leave(was);
 }
 
 static PyDataMem_Handler s_handler = {

@@ -2,7 +2,7 @@
  * in any thread, with or without the GIL; arenas under the GIL. Install/uninstall: GIL. */
 
 #include "mg_acct.h"
-#include "mg_guard.h"
+#include "mg_reentry.h"
 #include "mg_hooks.h"
 
 /* The allocators we wrap, passed to our wrappers as ctx. Written by install (GIL held)
@@ -23,72 +23,72 @@ static _Thread_local int t_probe = 0;
 static void *raw_malloc(void *ctx, size_t n)
 {
     PyMemAllocatorEx *prev = ctx;
-    int was = mg_guard_enter();
+    int was = mg_reentry_enter();
     void *p = prev->malloc(prev->ctx, n);
 
     if (t_probe)
         t_probe = 2;
     mg_hooks_after_alloc(was, MG_DOMAIN_RAW, p);
-    mg_guard_leave(was);
+    mg_reentry_leave(was);
     return p;
 }
 
 static void *raw_calloc(void *ctx, size_t nelem, size_t elsize)
 {
     PyMemAllocatorEx *prev = ctx;
-    int was = mg_guard_enter();
+    int was = mg_reentry_enter();
     void *p = prev->calloc(prev->ctx, nelem, elsize);
 
     mg_hooks_after_alloc(was, MG_DOMAIN_RAW, p);
-    mg_guard_leave(was);
+    mg_reentry_leave(was);
     return p;
 }
 
 static void *raw_realloc(void *ctx, void *ptr, size_t n)
 {
     PyMemAllocatorEx *prev = ctx;
-    int was = mg_guard_enter();
+    int was = mg_reentry_enter();
     int count = mg_hooks_counting(was);
     size_t old = mg_hooks_realloc_old(count, ptr);
     void *p = prev->realloc(prev->ctx, ptr, n);
 
     mg_hooks_after_realloc(count, MG_DOMAIN_RAW, old, p);
-    mg_guard_leave(was);
+    mg_reentry_leave(was);
     return p;
 }
 
 static void raw_free(void *ctx, void *ptr)
 {
     PyMemAllocatorEx *prev = ctx;
-    int was = mg_guard_enter();
+    int was = mg_reentry_enter();
 
     mg_hooks_before_free(was, MG_DOMAIN_RAW, ptr);
     prev->free(prev->ctx, ptr);
-    mg_guard_leave(was);
+    mg_reentry_leave(was);
 }
 
 static void *arena_alloc(void *ctx, size_t n)
 {
     PyObjectArenaAllocator *prev = ctx;
-    int was = mg_guard_enter();
+    int was = mg_reentry_enter();
     void *p = prev->alloc(prev->ctx, n);
 
     /* Arenas come from mmap, not malloc: count the size CPython asked for. */
     if (p != NULL && !was && mg_acct_enabled())
         mg_hooks_count_alloc(MG_DOMAIN_ARENA, n, p);
-    mg_guard_leave(was);
+    mg_reentry_leave(was);
     return p;
 }
 
 static void arena_free(void *ctx, void *ptr, size_t n)
 {
     PyObjectArenaAllocator *prev = ctx;
-    int was = mg_guard_enter();
+    int was = mg_reentry_enter();
 
     if (ptr != NULL && !was && mg_acct_enabled())
         mg_hooks_count_free(MG_DOMAIN_ARENA, n, ptr);
     prev->free(prev->ctx, ptr, n);
-    mg_guard_leave(was);
+    mg_reentry_leave(was);
 }
 
 /* Whether a RAW allocation still passes through raw_malloc. tracemalloc.stop() puts back

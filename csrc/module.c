@@ -9,9 +9,9 @@
 #include "mg_blackbox.h"
 #include "mg_frames.h"
 #include "mg_hooks.h"
-#include "mg_relay.h"
+#include "mg_monitor.h"
 #include "mg_ring.h"
-#include "mg_rss.h"
+#include "mg_measures.h"
 #include "mg_sites.h"
 
 static PyObject *core_install(PyObject *self, PyObject *unused)
@@ -76,7 +76,7 @@ static PyObject *core_cell_begin(PyObject *self, PyObject *args)
     if (core_parse_budget(budget_obj, &budget) < 0)
         return NULL;
     mg_sites_sweep((int64_t)epoch);
-    mg_rss_cell_begin();
+    mg_measures_cell_begin();
     mg_acct_cell_begin((int64_t)epoch, budget);
     Py_RETURN_NONE;
 }
@@ -94,11 +94,11 @@ static PyObject *core_set_budget(PyObject *self, PyObject *arg)
 static PyObject *core_snapshot(PyObject *self, PyObject *unused)
 {
     mg_acct_snapshot_t s;
-    mg_rss_snapshot_t r;
-    int64_t rss = mg_rss_read();
+    mg_measures_snapshot_t r;
+    int64_t rss = mg_measures_read();
 
     mg_acct_snapshot(&s);
-    mg_rss_snapshot(&r);
+    mg_measures_snapshot(&r);
     if (rss < 0)
         rss = r.last;
     return Py_BuildValue("{sLsLsLsLsLsLsLsLsLsisLsLsLsLsLsi}",
@@ -174,7 +174,7 @@ static PyObject *core_set_limit(PyObject *self, PyObject *args)
                         "set_limit(bytes >= 0, measure in MEASURE_*, 0 < fraction <= 1)");
         return NULL;
     }
-    if (mg_rss_set_cgroup_file(cgroup_file) < 0)
+    if (mg_measures_set_cgroup_file(cgroup_file) < 0)
         return PyErr_SetFromErrnoWithFilename(PyExc_OSError, cgroup_file);
     mg_acct_set_limit((int64_t)bytes, measure, fraction);
     Py_RETURN_NONE;
@@ -344,33 +344,33 @@ static PyObject *core_sites_config(PyObject *self, PyObject *args, PyObject *kwa
                          "blocks", (unsigned long long)st.blocks);
 }
 
-static PyObject *core_relay_start(PyObject *self, PyObject *args)
+static PyObject *core_monitor_start(PyObject *self, PyObject *args)
 {
     const char *endpoint;
     int period_ms = 2;
 
-    if (!PyArg_ParseTuple(args, "s|i:relay_start", &endpoint, &period_ms))
+    if (!PyArg_ParseTuple(args, "s|i:monitor_start", &endpoint, &period_ms))
         return NULL;
-    if (mg_relay_start(endpoint, period_ms) < 0)
+    if (mg_monitor_start(endpoint, period_ms) < 0)
         return PyErr_SetFromErrno(errno == EINVAL ? PyExc_ValueError : PyExc_OSError);
     Py_RETURN_NONE;
 }
 
-static PyObject *core_relay_stop(PyObject *self, PyObject *unused)
+static PyObject *core_monitor_stop(PyObject *self, PyObject *unused)
 {
     Py_BEGIN_ALLOW_THREADS
-    mg_relay_stop();
+    mg_monitor_stop();
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
-static PyObject *core_relay_stats(PyObject *self, PyObject *unused)
+static PyObject *core_monitor_stats(PyObject *self, PyObject *unused)
 {
     return Py_BuildValue("{sisKsKsKsK}",
-                         "running", mg_relay_running(),
-                         "pending", (unsigned long long)mg_relay_pending(),
-                         "sent", (unsigned long long)mg_relay_sent(),
-                         "dropped", (unsigned long long)mg_relay_dropped(),
+                         "running", mg_monitor_running(),
+                         "pending", (unsigned long long)mg_monitor_pending(),
+                         "sent", (unsigned long long)mg_monitor_sent(),
+                         "dropped", (unsigned long long)mg_monitor_dropped(),
                          "ring_dropped", (unsigned long long)mg_ring_dropped());
 }
 
@@ -442,14 +442,14 @@ static PyMethodDef core_methods[] = {
     {"refusal", core_refusal, METH_NOARGS,
      "refusal() -> dict\n\nThe last allocation raise mode refused: count (refusals so far), "
      "bytes, reason (REFUSE_BUDGET or REFUSE_LIMIT), line (-1 if unknown), epoch."},
-    {"relay_start", core_relay_start, METH_VARARGS,
-     "relay_start(endpoint: str, period_ms: int = 2) -> None\n\nConnect a PUSH socket to "
+    {"monitor_start", core_monitor_start, METH_VARARGS,
+     "monitor_start(endpoint: str, period_ms: int = 2) -> None\n\nConnect a PUSH socket to "
      "endpoint and start the monitor thread. Raises OSError (EALREADY if running) or "
      "ValueError for a period outside 1-1000 ms."},
-    {"relay_stop", core_relay_stop, METH_NOARGS,
-     "relay_stop() -> None\n\nStop and join the monitor thread and close its socket."},
-    {"relay_stats", core_relay_stats, METH_NOARGS,
-     "relay_stats() -> dict\n\nrunning, pending (events not yet forwarded), sent, dropped "
+    {"monitor_stop", core_monitor_stop, METH_NOARGS,
+     "monitor_stop() -> None\n\nStop and join the monitor thread and close its socket."},
+    {"monitor_stats", core_monitor_stats, METH_NOARGS,
+     "monitor_stats() -> dict\n\nrunning, pending (events not yet forwarded), sent, dropped "
      "(peer absent/slow), ring_dropped."},
     {NULL, NULL, 0, NULL},
 };
@@ -467,7 +467,7 @@ static struct PyModuleDef core_module = {
 static void core_atexit(void)
 {
     mg_acct_set_enabled(0);
-    mg_relay_stop();
+    mg_monitor_stop();
     mg_blackbox_close(1); /* a clean exit is not a crash: no report after it */
 }
 
@@ -480,7 +480,7 @@ PyMODINIT_FUNC PyInit__core(void)
         return NULL;
     if (!initialized) {
         mg_ring_reset();
-        if (mg_relay_atfork_register() != 0 || Py_AtExit(core_atexit) < 0) {
+        if (mg_monitor_atfork_register() != 0 || Py_AtExit(core_atexit) < 0) {
             PyErr_SetString(PyExc_RuntimeError, "memguard: could not register fork/exit handlers");
             Py_DECREF(m);
             return NULL;

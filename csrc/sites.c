@@ -5,7 +5,7 @@
 #include <string.h>
 
 #include "mg_acct.h"
-#include "mg_relay.h"
+#include "mg_monitor.h"
 #include "mg_ring.h"
 #include "mg_sites.h"
 

@@ -12,7 +12,7 @@
  * (../shared/STYLE.md section 3). It expands to nothing. */
 #define MG_HOOKSAFE
 
-/* Return codes of the engine functions (mg_ring_*, mg_acct_*, mg_relay_*): 0 on success,
+/* Return codes of the engine functions (mg_ring_*, mg_acct_*, mg_monitor_*): 0 on success,
  * -1 on failure with errno set; each header documents the errno values it uses. Engine
  * functions never touch Python; csrc/module.c converts -1 with PyErr_SetFromErrno. */
 #define MG_OK 0
@@ -26,13 +26,13 @@ typedef enum mg_domain {
     MG_DOMAIN_COUNT = 3
 } mg_domain_t;
 
-/* Kinds of events and wire records; the numbers are part of the wire format (mg_relay.h). */
+/* Kinds of events and wire records; the numbers are part of the wire format (mg_monitor.h). */
 typedef enum mg_kind {
     MG_KIND_BUDGET = 1,      /* the cell's usage crossed its budget */
     MG_KIND_BUDGET_GROW = 2, /* an alerted cell's peak grew by >= MG_GROW_STEP since last record */
     MG_KIND_ACCUMULATION = 3,      /* a site met the accumulation rule (mg_sites.h) */
     MG_KIND_ACCUMULATION_GROW = 4, /* an alerted site grew by >= MG_GROW_STEP since its last */
-    MG_KIND_BUDGET_RSS = 5,        /* the cell's RSS growth crossed its budget first (mg_rss.h) */
+    MG_KIND_BUDGET_RSS = 5,        /* the cell's RSS growth crossed its budget first (mg_measures.h) */
     MG_KIND_REFUSED = 6,           /* raise mode: an allocation was refused (count = reason) */
     MG_KIND_LIMIT = 7,             /* the limit's measure passed its alert fraction (monitor) */
     MG_KIND_LIMIT_REQUEST = 8,     /* one allocation asked for more than is left under the limit */

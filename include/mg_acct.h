@@ -68,7 +68,7 @@ void mg_acct_set_raise(int on);
 MG_HOOKSAFE int mg_acct_raise(void);
 
 /* The effective limit in bytes (0 = none), the measure compared with it (mg_measure_t in
- * mg_rss.h) and the fraction of it at which the monitor sends MG_KIND_LIMIT (0 < f <= 1).
+ * mg_measures.h) and the fraction of it at which the monitor sends MG_KIND_LIMIT (0 < f <= 1).
  * Any thread. */
 void mg_acct_set_limit(int64_t bytes, int measure, double fraction);
 void mg_acct_get_limit(int64_t *bytes, int *measure, double *fraction);

@@ -21,7 +21,7 @@ MG_HOOKSAFE void mg_hooks_count_alloc(mg_domain_t d, size_t n, void *p);
  * MemoryError message) and an MG_KIND_REFUSED event pushed. In warn mode a request beyond
  * the limit is flagged (MG_KIND_LIMIT_REQUEST, once per cell) and allowed. Returns 1 to
  * refuse. Only for allocations whose callers handle NULL (NumPy raises MemoryError).
- * `was` as from mg_guard_enter: nested calls are never refused. Hook-safe. */
+ * `was` as from mg_reentry_enter: nested calls are never refused. Hook-safe. */
 MG_HOOKSAFE int mg_hooks_refuse(int was, size_t n);
 
 /* Count the free of p, n bytes in domain d, and take it off its site. Call before the real
@@ -29,7 +29,7 @@ MG_HOOKSAFE int mg_hooks_refuse(int was, size_t n);
 MG_HOOKSAFE void mg_hooks_count_free(mg_domain_t d, size_t n, void *p);
 
 /* The counting rule every malloc-backed wrapper follows, in one place. `was` is what
- * mg_guard_enter returned: a nested call (was != 0) or disabled counting counts nothing.
+ * mg_reentry_enter returned: a nested call (was != 0) or disabled counting counts nothing.
  * Blocks are measured with malloc_usable_size on both ends, so alloc and free always agree
  * even when a caller's size arguments drift (platform-facts: exact against mallinfo2);
  * that needs the allocator below to hand out malloc'd pointers. All hook-safe. */

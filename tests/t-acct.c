@@ -3,7 +3,7 @@
 #include <pthread.h>
 
 #include "mg_acct.h"
-#include "mg_rss.h"
+#include "mg_measures.h"
 #include "tap.h"
 
 static void t_alloc_and_free_balance(void)
@@ -89,8 +89,8 @@ static void t_requests_are_refused_only_in_raise_mode_or_past_the_limit(void)
     check_int(mg_acct_check_request(400), ==, MG_REFUSE_NONE);  /* 1000: not over */
     check_int(mg_acct_check_request(401), ==, MG_REFUSE_BUDGET);
     /* The limit applies in both modes; the caller refuses only in raise mode. */
-    mg_rss_cell_begin();
-    mg_acct_set_limit(mg_rss_used(MG_MEASURE_RSS) + 10000, MG_MEASURE_RSS, 0.9);
+    mg_measures_cell_begin();
+    mg_acct_set_limit(mg_measures_used(MG_MEASURE_RSS) + 10000, MG_MEASURE_RSS, 0.9);
     mg_acct_set_raise(0);
     check_int(mg_acct_check_request(9000), ==, MG_REFUSE_NONE);
     check_int(mg_acct_check_request(20000), ==, MG_REFUSE_LIMIT);

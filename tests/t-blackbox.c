@@ -11,8 +11,8 @@
 
 #include "mg_acct.h"
 #include "mg_blackbox.h"
-#include "mg_relay.h"
-#include "mg_rss.h"
+#include "mg_monitor.h"
+#include "mg_measures.h"
 #include "tap.h"
 
 static char s_dir[64];
@@ -59,7 +59,7 @@ static void t_clean_close_leaves_a_readable_box(void)
     mg_blackbox_set_cell(3, 7, src, strlen(src));
     mg_blackbox_add_alert(3, 7, 0, 2, 123456, "over budget", 11);
     mg_acct_alloc(MG_DOMAIN_NUMPY, 4096);
-    mg_rss_sample(); /* the monitor samples before it ticks */
+    mg_measures_sample(); /* the monitor samples before it ticks */
     mg_blackbox_tick();
     mg_blackbox_tick();
     mg_blackbox_tick();
@@ -128,7 +128,7 @@ static void t_fork_child_does_not_write_the_parents_box(void)
 
     snprintf(path, sizeof(path), "%s/fork.mgbox", s_dir);
     check_int(mg_blackbox_open(path, "kernel-fork.json"), ==, 0);
-    check_int(mg_relay_atfork_register(), ==, 0);
+    check_int(mg_monitor_atfork_register(), ==, 0);
     pid = fork();
     if (pid == 0) {
         mg_blackbox_set_cell(99, 99, "child", 5); /* must be a no-op */

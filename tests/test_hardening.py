@@ -74,7 +74,7 @@ def test_unload_and_reload_ten_times_with_arrays_crossing_loads(bare_kernel):
     ex = k.execute("%load_ext memguard\n"
                    "import memguard._core as c\n"
                    "s = c.snapshot()\n"
-                   "print(abs(s['tracked']) < 2**30, c.relay_stats()['running'])")
+                   "print(abs(s['tracked']) < 2**30, c.monitor_stats()['running'])")
     assert ex.stdout.strip().splitlines()[-1] == "True 1"
     k.execute("%unload_ext memguard")
     restored = k.execute("import numpy as np\n" + IMPORT_GET_HANDLER_NAME +

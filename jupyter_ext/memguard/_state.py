@@ -68,7 +68,7 @@ class State:
     pending_report: typing.Optional[dict] = None  # not yet shown under a cell
     saved_switch_interval: typing.Optional[float] = None  # sys.getswitchinterval() at load
     saved_custom_exc: typing.Any = None  # (custom_exceptions, CustomTB) before load
-    relay_sent_at_start: int = 0  # _core.relay_stats()["sent"] when this load's relay began
+    relay_sent_at_start: int = 0  # _core.monitor_stats()["sent"] when this load's relay began
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     def add_cell(self, cell):

@@ -75,8 +75,8 @@ def load(shell):
     _open_blackbox(_core)
     STATE.relay = Relay(_core.WIRE_FORMAT, _on_record)
     STATE.relay.start()
-    STATE.relay_sent_at_start = _core.relay_stats()["sent"]
-    _core.relay_start(STATE.relay.endpoint)
+    STATE.relay_sent_at_start = _core.monitor_stats()["sent"]
+    _core.monitor_start(STATE.relay.endpoint)
     shell.events.register("pre_run_cell", pre_run_cell)
     shell.events.register("post_run_cell", post_run_cell)
     shell.register_magics(MemguardMagics)
@@ -111,7 +111,7 @@ def unload(shell):
             shell.events.unregister(name, handler)
         except ValueError:
             pass
-    core.relay_stop()
+    core.monitor_stop()
     STATE.relay.stop()
     core.blackbox_close(True)  # a clean unload is not a crash
     STATE.blackbox_path = None
@@ -149,7 +149,7 @@ def _setting_line():
             f"mode {STATE.mode}")
 
 
-# What each limit source limits, hence what it is compared with (mg_rss.h mg_measure_t).
+# What each limit source limits, hence what it is compared with (mg_measures.h mg_measure_t).
 _MEASURES = {"physical": ("RSS", "MEASURE_RSS"), "rlimit": ("address space", "MEASURE_VM"),
              "cgroup": ("cgroup usage", "MEASURE_CGROUP")}
 
@@ -387,7 +387,7 @@ def drain(timeout=1.0):
         return True
     deadline = time.monotonic() + timeout
     while True:
-        stats = core.relay_stats()
+        stats = core.monitor_stats()
         if stats["pending"] == 0 and relay.processed >= relay_sent_baseline(stats):
             return True
         if time.monotonic() > deadline or not stats["running"]:
@@ -699,7 +699,7 @@ def status_rows():
     snap = STATE.core.snapshot()
     limit = STATE.limit
     last = STATE.history[-1] if STATE.history else None
-    relay = STATE.core.relay_stats()
+    relay = STATE.core.monitor_stats()
     sites = STATE.core.sites_config()
     gap = snap["rss"] - STATE.rss_baseline - snap["tracked"]
     rows = [

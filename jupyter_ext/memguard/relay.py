@@ -1,7 +1,7 @@
 """From the C monitor thread to the notebook: the drain of alert records and their
 publication on IOPub.
 
-The C monitor thread (csrc/relay.c) PUSHes fixed-size records over libzmq to an ``ipc://``
+The C monitor thread (csrc/monitor.c) PUSHes fixed-size records over libzmq to an ``ipc://``
 endpoint. ``Relay`` owns the PULL end, on a Python thread of its own, decodes each record
 and hands it to a callback. ``Publisher`` sends alerts as IOPub ``display_data`` (first time)
 or ``update_display_data`` (same cause again in the same cell), parented to the

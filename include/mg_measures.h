@@ -1,9 +1,9 @@
-/* Memory samples (csrc/rss.c): the process's resident set size and address-space size from
+/* Memory samples (csrc/measures.c): the process's resident set size and address-space size from
  * /proc/self/statm, and its cgroup's usage; sampled by the monitor thread, RSS remembered
  * per cell (start, peak) so the untracked gap (RSS growth no hook counted) can be reported,
  * and the latest samples read by hooks (atomics only) to check the machine's limit. */
-#ifndef MEMGUARD_MG_RSS_H
-#define MEMGUARD_MG_RSS_H
+#ifndef MEMGUARD_MG_MEASURES_H
+#define MEMGUARD_MG_MEASURES_H
 
 #include <stddef.h>
 #include <stdint.h>
@@ -11,28 +11,28 @@
 #include "memguard.h"
 
 /* Parsers of what the kernel writes in /proc and cgroupfs (outside input: fuzzed by
- * tests/fuzz/fuzz-rss.c). Neither needs a NUL terminator nor reads past len.
- * mg_rss_parse_number: the decimal digits at the start of buf into *out, their count into
+ * tests/fuzz/fuzz-measures.c). Neither needs a NUL terminator nor reads past len.
+ * mg_measures_parse_number: the decimal digits at the start of buf into *out, their count into
  * *used; -1 if there is no digit or the number does not fit in int64.
- * mg_rss_parse_statm: the first two fields of statm ("size resident ..."), in pages;
+ * mg_measures_parse_statm: the first two fields of statm ("size resident ..."), in pages;
  * -1 if they are not two numbers separated by one space. Any thread. */
-int mg_rss_parse_number(const char *buf, size_t len, size_t *used, int64_t *out);
-int mg_rss_parse_statm(const char *buf, size_t len, int64_t *vm_pages, int64_t *rss_pages);
+int mg_measures_parse_number(const char *buf, size_t len, size_t *used, int64_t *out);
+int mg_measures_parse_statm(const char *buf, size_t len, int64_t *vm_pages, int64_t *rss_pages);
 
 /* RSS in bytes now: the second field of /proc/self/statm (proc(5)) times the page size,
  * read with pread on a descriptor kept open (about 10 us here; platform-facts measured
  * 14 us with open/read/close). Returns -1 with errno set if /proc cannot be read. Any
  * thread; not async-signal-safe on first use (it opens the file). */
-int64_t mg_rss_read(void);
+int64_t mg_measures_read(void);
 
 /* Read RSS, the address-space size and the cgroup usage, and record them as the latest
  * samples, raising the cell's RSS peak. Returns the RSS sample (bytes) or -1. The monitor
  * thread. */
-int64_t mg_rss_sample(void);
+int64_t mg_measures_sample(void);
 
 /* Start a cell: the cell's RSS start and peak become RSS now; the address-space and cgroup
  * samples are refreshed too. GIL held (pre_run_cell). */
-void mg_rss_cell_begin(void);
+void mg_measures_cell_begin(void);
 
 /* What the effective limit is compared with: RSS for physical RAM, the address-space size
  * for RLIMIT_AS (which limits exactly that, setrlimit(2)), the cgroup's usage file
@@ -46,24 +46,24 @@ typedef enum mg_measure {
 /* Use the cgroup usage file at path (opened once, read with pread) for MG_MEASURE_CGROUP;
  * NULL stops reading it. Returns 0, or -1 with errno from open(2). GIL held; the monitor
  * picks the new descriptor up at its next sample. */
-int mg_rss_set_cgroup_file(const char *path);
+int mg_measures_set_cgroup_file(const char *path);
 
 /* The latest sample of measure m in bytes (0 before the first sample or when the cgroup
  * file is unreadable). Hook-safe: one relaxed atomic load. */
-MG_HOOKSAFE int64_t mg_rss_used(mg_measure_t m);
+MG_HOOKSAFE int64_t mg_measures_used(mg_measure_t m);
 
-typedef struct mg_rss_snapshot {
+typedef struct mg_measures_snapshot {
     int64_t last;       /* latest sample, bytes (0 before the first) */
     int64_t cell_start; /* RSS when the cell began, bytes */
     int64_t cell_peak;  /* highest sample since then, bytes */
     int64_t vm;         /* latest address-space size sample, bytes */
     int64_t cgroup;     /* latest cgroup usage sample, bytes (0 if none) */
-} mg_rss_snapshot_t;
+} mg_measures_snapshot_t;
 
-void mg_rss_snapshot(mg_rss_snapshot_t *out);
+void mg_measures_snapshot(mg_measures_snapshot_t *out);
 
 /* In a forked child: close the inherited descriptor, which still reads the parent's
  * statm (/proc/self is resolved when the file is opened); the next read reopens it. */
-void mg_rss_atfork_child(void);
+void mg_measures_atfork_child(void);
 
-#endif /* MEMGUARD_MG_RSS_H */
+#endif /* MEMGUARD_MG_MEASURES_H */

@@ -1,9 +1,9 @@
-/* The monitor thread and its libzmq PUSH socket (csrc/relay.c): drains the event ring,
+/* The monitor thread and its libzmq PUSH socket (csrc/monitor.c): drains the event ring,
  * follows the alerted cell's peak, and sends fixed-size alert records to the Python relay
  * that publishes them on IOPub. Started and stopped with the GIL held; the thread itself
  * never takes the GIL and never calls Python. */
-#ifndef MEMGUARD_MG_RELAY_H
-#define MEMGUARD_MG_RELAY_H
+#ifndef MEMGUARD_MG_MONITOR_H
+#define MEMGUARD_MG_MONITOR_H
 
 #include <stdint.h>
 
@@ -51,28 +51,28 @@ typedef struct mg_wire {
  * mg_measure_t, bytes = usage = the measure).
  * Returns 0; -1 with errno = EALREADY if running, EINVAL for a bad period, or the errno
  * libzmq or pthread_create set. GIL held (or no Python at all, in the C tests). */
-int mg_relay_start(const char *endpoint, int period_ms);
+int mg_monitor_start(const char *endpoint, int period_ms);
 
 /* Stop and join the monitor thread, then close the socket and terminate its context
  * (linger 0, so this never blocks on an absent peer). Returns 0 (also when not running).
  * Not from a hook. */
-int mg_relay_stop(void);
+int mg_monitor_stop(void);
 
 /* Non-zero while the monitor thread runs. Any thread. */
-int mg_relay_running(void);
+int mg_monitor_running(void);
 
 /* Ring events not yet forwarded by the monitor thread (pushed minus sent-or-dropped), so
  * a caller can wait until what a cell produced is on the wire. Counts from the last
  * mg_ring_reset, which the module does once. Any thread. */
-uint64_t mg_relay_pending(void);
+uint64_t mg_monitor_pending(void);
 
 /* Records sent, and records dropped because the peer was absent or slow (EAGAIN). */
-uint64_t mg_relay_sent(void);
-uint64_t mg_relay_dropped(void);
+uint64_t mg_monitor_sent(void);
+uint64_t mg_monitor_dropped(void);
 
 /* Register the pthread_atfork child handler: a forked child disables counting and forgets
  * (leaks) the parent's monitor state, since its thread does not exist in the child and its
  * zmq context must not be touched there. Idempotent. Returns 0 or an errno value. */
-int mg_relay_atfork_register(void);
+int mg_monitor_atfork_register(void);
 
-#endif /* MEMGUARD_MG_RELAY_H */
+#endif /* MEMGUARD_MG_MONITOR_H */

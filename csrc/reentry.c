@@ -1,6 +1,6 @@
-/* Owns the per-thread reentrancy flag of the allocator hooks (include/mg_guard.h).
+/* Owns the per-thread reentrancy flag of the allocator hooks (include/mg_reentry.h).
  * Every thread that allocates enters it. */
-#include "mg_guard.h"
+#include "mg_reentry.h"
 
 /* Written and read only by the owning thread (no atomics needed). */
 _Thread_local int t_mg_in_hook = 0;

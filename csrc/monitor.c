@@ -10,9 +10,9 @@
 
 #include "mg_acct.h"
 #include "mg_blackbox.h"
-#include "mg_relay.h"
+#include "mg_monitor.h"
 #include "mg_ring.h"
-#include "mg_rss.h"
+#include "mg_measures.h"
 
 _Static_assert(sizeof(mg_wire_t) == 64, "mg_wire_t must have no padding");
 
@@ -29,7 +29,7 @@ static _Atomic int s_stop = 0;
 static _Atomic uint64_t s_sent = 0;
 static _Atomic uint64_t s_dropped = 0;
 /* Ring events the thread has finished with (sent or dropped); written by the thread
- * (release), read by mg_relay_pending. */
+ * (release), read by mg_monitor_pending. */
 static _Atomic uint64_t s_forwarded = 0;
 
 /* The one place libzmq return codes are judged (pyzmq _check_rc). EAGAIN on a send means
@@ -96,14 +96,14 @@ static void *relay_main(void *arg)
         mg_acct_snapshot(&snap);
         if (tick % (bb_every ? bb_every : 1) == 0)
             mg_blackbox_tick(); /* no-op without an open box */
-        if (tick % MG_RSS_EVERY == 0 && mg_rss_sample() >= 0) {
+        if (tick % MG_RSS_EVERY == 0 && mg_measures_sample() >= 0) {
             int64_t limit;
             int measure;
             double fraction;
             int64_t used;
 
             mg_acct_get_limit(&limit, &measure, &fraction);
-            used = mg_rss_used((mg_measure_t)measure);
+            used = mg_measures_used((mg_measure_t)measure);
             /* The limit rule: once per cell when the measure passes the fraction, then an
              * update each time it grows by another MG_LIMIT_STEP of the limit. */
             if (limit > 0 && (double)used >= (double)limit * fraction &&
@@ -115,12 +115,12 @@ static void *relay_main(void *arg)
             }
         }
         if (tick++ % MG_RSS_EVERY == 0 && snap.budget > 0 && !snap.crossed) {
-            mg_rss_snapshot_t rss;
+            mg_measures_snapshot_t rss;
             int64_t grown;
 
-            mg_rss_snapshot(&rss);
+            mg_measures_snapshot(&rss);
             grown = rss.last - rss.cell_start;
-            /* cell_start is 0 until a cell began through mg_rss_cell_begin (C tests). */
+            /* cell_start is 0 until a cell began through mg_measures_cell_begin (C tests). */
             if (rss.cell_start > 0 && grown > snap.budget && mg_acct_cross()) {
                 int64_t tracked = snap.tracked - snap.cell_start;
 
@@ -137,9 +137,9 @@ static void *relay_main(void *arg)
             int64_t now;
 
             if (by_rss) {
-                mg_rss_snapshot_t rss;
+                mg_measures_snapshot_t rss;
 
-                mg_rss_snapshot(&rss);
+                mg_measures_snapshot(&rss);
                 now = rss.cell_peak - rss.cell_start;
             } else {
                 now = snap.cell_peak - snap.cell_start;
@@ -155,7 +155,7 @@ static void *relay_main(void *arg)
     return NULL;
 }
 
-int mg_relay_start(const char *endpoint, int period_ms)
+int mg_monitor_start(const char *endpoint, int period_ms)
 {
     int linger = 0;
     int hwm = 1000;
@@ -202,7 +202,7 @@ error:
     return MG_ERR;
 }
 
-int mg_relay_stop(void)
+int mg_monitor_stop(void)
 {
     if (!atomic_load_explicit(&s_running, memory_order_acquire))
         return MG_OK;
@@ -216,17 +216,17 @@ int mg_relay_stop(void)
     return MG_OK;
 }
 
-int mg_relay_running(void)
+int mg_monitor_running(void)
 {
     return atomic_load_explicit(&s_running, memory_order_acquire);
 }
 
-uint64_t mg_relay_sent(void)
+uint64_t mg_monitor_sent(void)
 {
     return atomic_load_explicit(&s_sent, memory_order_relaxed);
 }
 
-uint64_t mg_relay_pending(void)
+uint64_t mg_monitor_pending(void)
 {
     uint64_t pushed = mg_ring_pushed();
     uint64_t done = atomic_load_explicit(&s_forwarded, memory_order_acquire);
@@ -234,7 +234,7 @@ uint64_t mg_relay_pending(void)
     return pushed > done ? pushed - done : 0;
 }
 
-uint64_t mg_relay_dropped(void)
+uint64_t mg_monitor_dropped(void)
 {
     return atomic_load_explicit(&s_dropped, memory_order_relaxed);
 }
@@ -245,14 +245,14 @@ uint64_t mg_relay_dropped(void)
 static void relay_atfork_child(void)
 {
     mg_acct_set_enabled(0);
-    mg_rss_atfork_child();
+    mg_measures_atfork_child();
     mg_blackbox_atfork_child();
     atomic_store_explicit(&s_running, 0, memory_order_release);
     s_sock = NULL;
     s_ctx = NULL;
 }
 
-int mg_relay_atfork_register(void)
+int mg_monitor_atfork_register(void)
 {
     static int registered = 0; /* GIL held (module init) */
 

@@ -1,4 +1,4 @@
-/* Tests of csrc/relay.c over real ZeroMQ sockets: a PULL socket bound to an ipc://
+/* Tests of csrc/monitor.c over real ZeroMQ sockets: a PULL socket bound to an ipc://
  * endpoint receives what the monitor thread sends; errors; fork leaves the child quiet. */
 #include <errno.h>
 #include <stdio.h>
@@ -8,9 +8,9 @@
 #include <zmq.h>
 
 #include "mg_acct.h"
-#include "mg_relay.h"
+#include "mg_monitor.h"
 #include "mg_ring.h"
-#include "mg_rss.h"
+#include "mg_measures.h"
 #include "tap.h"
 
 static void *s_ctx;
@@ -40,7 +40,7 @@ static void t_budget_event_arrives_as_a_record(void)
     ev.usage = 1500;
     ev.t = mg_ring_now();
     check_int(mg_ring_push(&ev), ==, 0);
-    check_int(mg_relay_start(s_endpoint, 1), ==, 0);
+    check_int(mg_monitor_start(s_endpoint, 1), ==, 0);
     check_int(recv_wire(&w, 2000), ==, (int)sizeof(w));
     check_uint(w.version, ==, MG_WIRE_VERSION);
     check_uint(w.kind, ==, MG_KIND_BUDGET);
@@ -63,33 +63,33 @@ static void t_peak_growth_sends_an_update(void)
     check_int(w.line, ==, 3);
     check_int(w.usage, ==, 2500);
     /* The monitor counts a send after zmq_send returns, which may be after we received. */
-    for (int i = 0; i < 1000 && mg_relay_sent() < 2; i++)
+    for (int i = 0; i < 1000 && mg_monitor_sent() < 2; i++)
         usleep(1000);
-    check_uint(mg_relay_sent(), ==, 2);
+    check_uint(mg_monitor_sent(), ==, 2);
 }
 
 static void t_second_start_says_ealready(void)
 {
     errno = 0;
-    check_int(mg_relay_start(s_endpoint, 1), ==, -1);
+    check_int(mg_monitor_start(s_endpoint, 1), ==, -1);
     check_int(errno, ==, EALREADY);
-    check_int(mg_relay_running(), ==, 1);
+    check_int(mg_monitor_running(), ==, 1);
 }
 
 static void t_stop_joins_and_is_idempotent(void)
 {
-    check_int(mg_relay_stop(), ==, 0);
-    check_int(mg_relay_running(), ==, 0);
-    check_int(mg_relay_stop(), ==, 0);
+    check_int(mg_monitor_stop(), ==, 0);
+    check_int(mg_monitor_running(), ==, 0);
+    check_int(mg_monitor_stop(), ==, 0);
 }
 
 static void t_bad_period_and_endpoint_fail_cleanly(void)
 {
     errno = 0;
-    check_int(mg_relay_start(s_endpoint, 0), ==, -1);
+    check_int(mg_monitor_start(s_endpoint, 0), ==, -1);
     check_int(errno, ==, EINVAL);
-    check_int(mg_relay_start("nonsense://x", 5), ==, -1);
-    check_int(mg_relay_running(), ==, 0);
+    check_int(mg_monitor_start("nonsense://x", 5), ==, -1);
+    check_int(mg_monitor_running(), ==, 0);
 }
 
 static void t_forked_child_is_quiet(void)
@@ -104,7 +104,7 @@ static void t_forked_child_is_quiet(void)
     mg_ring_reset();
     mg_acct_set_enabled(1);
     check_int(pipe(fds), ==, 0);
-    check_int(mg_relay_start(s_endpoint, 1), ==, 0);
+    check_int(mg_monitor_start(s_endpoint, 1), ==, 0);
     pid = fork();
     if (pid == 0) {
         mg_event_t ev;
@@ -116,7 +116,7 @@ static void t_forked_child_is_quiet(void)
         mg_ring_push(&ev);
         /* The verdict goes through a pipe, not the exit status: under valgrind the child's
          * exit status reports the zmq context it leaks on purpose. */
-        ok = mg_acct_enabled() == 0 && mg_relay_running() == 0 && mg_relay_stop() == 0 ? 'y' : 'n';
+        ok = mg_acct_enabled() == 0 && mg_monitor_running() == 0 && mg_monitor_stop() == 0 ? 'y' : 'n';
         if (write(fds[1], &ok, 1) != 1)
             _exit(2);
         _exit(0);
@@ -130,23 +130,23 @@ static void t_forked_child_is_quiet(void)
     check_int(mg_acct_enabled(), ==, 1);
     /* The child's push went to its own copy of the ring; nothing reaches the parent's peer. */
     check_int(recv_wire(&w, 200), ==, -1);
-    check_int(mg_relay_stop(), ==, 0);
+    check_int(mg_monitor_stop(), ==, 0);
 }
 
 static void t_limit_and_rss_budget_records(void)
 {
     mg_wire_t w;
-    int64_t rss = mg_rss_read();
+    int64_t rss = mg_measures_read();
     int got_limit = 0;
     int got_rss = 0;
 
     mg_acct_reset();
     mg_ring_reset();
-    mg_rss_cell_begin();
+    mg_measures_cell_begin();
     mg_acct_cell_begin(7, 4096); /* tiny budget: RSS growth of one page-in crosses it */
     /* A limit already half used: the monitor's first sample passes a 0.5 fraction. */
     mg_acct_set_limit(rss + rss / 2, MG_MEASURE_RSS, 0.5);
-    check_int(mg_relay_start(s_endpoint, 1), ==, 0);
+    check_int(mg_monitor_start(s_endpoint, 1), ==, 0);
     {
         /* Grow RSS by 8 MB outside every hook, as native code would. */
         static char block[8 << 20];
@@ -168,7 +168,7 @@ static void t_limit_and_rss_budget_records(void)
     }
     check_int(got_limit, ==, 1);
     check_int(got_rss, ==, 1);
-    check_int(mg_relay_stop(), ==, 0);
+    check_int(mg_monitor_stop(), ==, 0);
     mg_acct_set_limit(0, MG_MEASURE_RSS, 0.9);
 }
 
@@ -176,19 +176,19 @@ int main(void)
 {
     int linger = 0;
 
-    snprintf(s_endpoint, sizeof(s_endpoint), "ipc:///tmp/mg-t-relay-%d", (int)getpid());
+    snprintf(s_endpoint, sizeof(s_endpoint), "ipc:///tmp/mg-t-monitor-%d", (int)getpid());
     s_ctx = zmq_ctx_new();
     s_pull = zmq_socket(s_ctx, ZMQ_PULL);
     zmq_setsockopt(s_pull, ZMQ_LINGER, &linger, sizeof(linger));
     if (zmq_bind(s_pull, s_endpoint) != 0)
         test_skip_all("cannot bind an ipc:// endpoint in /tmp");
-    if (mg_relay_atfork_register() != 0)
+    if (mg_monitor_atfork_register() != 0)
         test_skip_all("pthread_atfork failed");
     plan(7);
     TEST(t_budget_event_arrives_as_a_record(), "a budget event in the ring reaches the PULL peer as a 64-byte record");
     TEST(t_peak_growth_sends_an_update(), "peak growth of more than 10% after an alert sends an update record");
     TEST(t_second_start_says_ealready(), "starting a running relay fails with EALREADY");
-    TEST(t_stop_joins_and_is_idempotent(), "relay_stop joins the thread and can be called twice");
+    TEST(t_stop_joins_and_is_idempotent(), "mg_monitor_stop joins the thread and can be called twice");
     TEST(t_bad_period_and_endpoint_fail_cleanly(), "a bad period or endpoint fails without starting a thread");
     TEST(t_forked_child_is_quiet(), "a forked child stops counting, has no monitor and sends nothing");
     TEST(t_limit_and_rss_budget_records(), "the monitor sends a limit record past the fraction and a budget record for untracked RSS growth");

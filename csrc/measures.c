@@ -6,18 +6,18 @@
 #include <stdint.h>
 #include <unistd.h>
 
-#include "mg_rss.h"
+#include "mg_measures.h"
 
 /* Opened once (first reader wins the CAS, a loser closes its own); read with pread, which
  * procfs seq files support at offset 0. Reset in a forked child. */
 static _Atomic int s_fd = -1;
-/* Written by mg_rss_sample/cell_begin (relaxed); read by anyone. */
+/* Written by mg_measures_sample/cell_begin (relaxed); read by anyone. */
 static _Atomic int64_t s_last = 0;
 static _Atomic int64_t s_cell_start = 0;
 static _Atomic int64_t s_cell_peak = 0;
 static _Atomic int64_t s_vm_last = 0;
 static _Atomic int64_t s_cg_last = 0;
-/* The cgroup usage file: set by mg_rss_set_cgroup_file (exchange, GIL held), read by the
+/* The cgroup usage file: set by mg_measures_set_cgroup_file (exchange, GIL held), read by the
  * monitor. The old descriptor is closed only when no sample can be using it... which we
  * cannot know without a lock, so a replaced descriptor is leaked (it happens once per load). */
 static _Atomic int s_cg_fd = -1;
@@ -39,7 +39,7 @@ static int rss_fd(void)
     return fd;
 }
 
-int mg_rss_parse_number(const char *buf, size_t len, size_t *used, int64_t *out)
+int mg_measures_parse_number(const char *buf, size_t len, size_t *used, int64_t *out)
 {
     int64_t v = 0;
     size_t i = 0;
@@ -56,18 +56,18 @@ int mg_rss_parse_number(const char *buf, size_t len, size_t *used, int64_t *out)
     return 0;
 }
 
-int mg_rss_parse_statm(const char *buf, size_t len, int64_t *vm_pages, int64_t *rss_pages)
+int mg_measures_parse_statm(const char *buf, size_t len, int64_t *vm_pages, int64_t *rss_pages)
 {
     size_t used;
     size_t at;
 
-    if (mg_rss_parse_number(buf, len, &used, vm_pages) < 0)
+    if (mg_measures_parse_number(buf, len, &used, vm_pages) < 0)
         return -1;
     at = used;
     if (at >= len || buf[at] != ' ')
         return -1;
     at++;
-    if (mg_rss_parse_number(buf + at, len - at, &used, rss_pages) < 0)
+    if (mg_measures_parse_number(buf + at, len - at, &used, rss_pages) < 0)
         return -1;
     return 0;
 }
@@ -86,7 +86,7 @@ static int rss_read_statm(int64_t *vm, int64_t *rss)
     n = pread(fd, buf, sizeof(buf), 0);
     if (n < 0)
         return -1;
-    if (mg_rss_parse_statm(buf, (size_t)n, &pages[0], &pages[1]) < 0 ||
+    if (mg_measures_parse_statm(buf, (size_t)n, &pages[0], &pages[1]) < 0 ||
         pages[0] > INT64_MAX / page || pages[1] > INT64_MAX / page) {
         errno = EIO;
         return -1;
@@ -96,7 +96,7 @@ static int rss_read_statm(int64_t *vm, int64_t *rss)
     return 0;
 }
 
-int64_t mg_rss_read(void)
+int64_t mg_measures_read(void)
 {
     int64_t vm;
     int64_t rss;
@@ -116,12 +116,12 @@ static int64_t rss_read_cgroup(void)
     if (fd < 0)
         return -1;
     n = pread(fd, buf, sizeof(buf), 0);
-    if (n <= 0 || mg_rss_parse_number(buf, (size_t)n, &used, &v) < 0)
+    if (n <= 0 || mg_measures_parse_number(buf, (size_t)n, &used, &v) < 0)
         return -1;
     return v;
 }
 
-int mg_rss_set_cgroup_file(const char *path)
+int mg_measures_set_cgroup_file(const char *path)
 {
     int fd = -1;
 
@@ -134,7 +134,7 @@ int mg_rss_set_cgroup_file(const char *path)
     return 0;
 }
 
-MG_HOOKSAFE int64_t mg_rss_used(mg_measure_t m)
+MG_HOOKSAFE int64_t mg_measures_used(mg_measure_t m)
 {
     switch (m) {
     case MG_MEASURE_VM:
@@ -146,7 +146,7 @@ MG_HOOKSAFE int64_t mg_rss_used(mg_measure_t m)
     }
 }
 
-int64_t mg_rss_sample(void)
+int64_t mg_measures_sample(void)
 {
     int64_t vm;
     int64_t now;
@@ -168,7 +168,7 @@ int64_t mg_rss_sample(void)
     return now;
 }
 
-void mg_rss_cell_begin(void)
+void mg_measures_cell_begin(void)
 {
     int64_t vm;
     int64_t now;
@@ -186,7 +186,7 @@ void mg_rss_cell_begin(void)
     atomic_store_explicit(&s_cell_peak, now, memory_order_relaxed);
 }
 
-void mg_rss_snapshot(mg_rss_snapshot_t *out)
+void mg_measures_snapshot(mg_measures_snapshot_t *out)
 {
     out->last = atomic_load_explicit(&s_last, memory_order_relaxed);
     out->cell_start = atomic_load_explicit(&s_cell_start, memory_order_relaxed);
@@ -195,7 +195,7 @@ void mg_rss_snapshot(mg_rss_snapshot_t *out)
     out->cgroup = atomic_load_explicit(&s_cg_last, memory_order_relaxed);
 }
 
-void mg_rss_atfork_child(void)
+void mg_measures_atfork_child(void)
 {
     int fd = atomic_exchange(&s_fd, -1);
 
