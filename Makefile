@@ -19,6 +19,7 @@ CFLAGS_TEST := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -g -O1 -Iinclude -It
 ASAN := -fsanitize=address,undefined -fno-omit-frame-pointer
 # The C units that need no Python: they are what the TAP tests link.
 C_ENGINE := csrc/ring.c csrc/acct.c csrc/monitor.c csrc/reentry.c csrc/sites.c csrc/measures.c \
+	csrc/zmqlib.c \
 	csrc/blackbox.c
 C_TESTS := $(patsubst tests/t-%.c,tests/bin/t-%,$(wildcard tests/t-*.c))
 PYSRC := $(wildcard jupyter_ext/memguard/*.py)
@@ -71,7 +72,7 @@ demo: .stamp-installed
 # --- tests ------------------------------------------------------------------------------
 tests/bin/t-%: tests/t-%.c tests/tap.h $(C_ENGINE) $(wildcard include/*.h) | .stamp-apt
 	@mkdir -p tests/bin
-	$(CC) $(CFLAGS_TEST) $(CFLAGS_EXTRA) -o $@ $< $(C_ENGINE) -lzmq -lpthread
+	$(CC) $(CFLAGS_TEST) $(CFLAGS_EXTRA) -o $@ $< $(C_ENGINE) -lzmq -lpthread -ldl
 
 ctest: $(C_TESTS)
 	prove --exec '' $(C_TESTS)
@@ -100,7 +101,7 @@ test-browser: .stamp-installed .stamp-apt-browser
 check-asan: .stamp-apt
 	@mkdir -p build/asan
 	for t in $(wildcard tests/t-*.c); do \
-	  $(CC) $(CFLAGS_TEST) $(ASAN) -o build/asan/$$(basename $$t .c) $$t $(C_ENGINE) -lzmq -lpthread || exit 1; \
+	  $(CC) $(CFLAGS_TEST) $(ASAN) -o build/asan/$$(basename $$t .c) $$t $(C_ENGINE) -lzmq -lpthread -ldl || exit 1; \
 	done
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 	  prove --exec '' build/asan/t-*

@@ -1,15 +1,29 @@
-"""Build memguard: the C11 extension memguard._core (links libzmq) and the Python package.
+"""Build memguard's C11 extension, memguard._core; the package's metadata is in
+pyproject.toml.
 
-NumPy's headers are needed at build time for the NEP 49 handler (csrc/hooks_numpy.c); the
-extension targets NumPy's 1.22 C-API, so one build runs on NumPy 1.22 through 2.x. Build
-without isolation (``pip install --no-build-isolation .``) so the NumPy in the environment
-provides them.
+NumPy's headers are needed at build time for the NEP 49 handler (csrc/hooks_numpy.c), and
+pyproject.toml's build requirements bring NumPy 2 into the isolated build environment. The
+extension targets NumPy's 1.22 C-API (NPY_TARGET_VERSION in csrc/hooks_numpy.c), so one build runs on NumPy 1.22
+through 2.x. It links no libzmq: csrc/zmqlib.c resolves libzmq's calls at run time from the
+copy pyzmq has loaded.
 """
+import ast
 import glob
 import platform
+from pathlib import Path
 
 import numpy
 from setuptools import Extension, setup
+
+
+def read_version():
+    """memguard.__version__, read without importing the package (it is not built yet)."""
+    tree = ast.parse(Path("jupyter_ext/memguard/__init__.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "__version__":
+            return node.value.value
+    raise RuntimeError("__version__ not found in jupyter_ext/memguard/__init__.py")
+
 
 CFLAGS = ["-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"]
 # The allocator hooks run on every allocation (bench/overhead.py measures them): only
@@ -27,19 +41,13 @@ core = Extension(
     sources=sorted(glob.glob("csrc/*.c")),
     include_dirs=["include", numpy.get_include()],
     depends=sorted(glob.glob("include/*.h")),
-    define_macros=[("_GNU_SOURCE", "1")],
-    libraries=["zmq"],
+    define_macros=[
+        ("_GNU_SOURCE", "1"),
+        ("MG_VERSION", '"%s"' % read_version()),
+    ],
+    libraries=["dl"],
     extra_compile_args=CFLAGS + FAST,
     extra_link_args=FAST,
 )
 
-setup(
-    name="memguard",
-    version="0.1.0",
-    description="A memory guard inside the Jupyter kernel: per-cell budgets and live alerts",
-    package_dir={"": "jupyter_ext"},
-    packages=["memguard"],
-    ext_modules=[core],
-    python_requires=">=3.11",
-    install_requires=["ipykernel>=6", "pyzmq", "humanfriendly", "psutil", "tabulate", "matplotlib"],
-)
+setup(ext_modules=[core])

@@ -65,6 +65,9 @@ if mode != "plain":
         import os, tempfile
         box_dir = tempfile.mkdtemp(prefix="mg-bench-")
         core.blackbox_open(os.path.join(box_dir, "bench.mgbox"), "bench.json")
+        from memguard.relay import load_zmq
+
+        load_zmq(core)
         core.monitor_start("ipc://" + os.path.join(box_dir, "relay"))
 t0 = time.perf_counter()
 {body}

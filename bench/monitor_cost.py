@@ -34,6 +34,9 @@ def measure(seconds, box):
     tmp = tempfile.mkdtemp(prefix="mg-bench-")
     if box:
         core.blackbox_open(os.path.join(tmp, "bench.mgbox"), "bench.json")
+    from memguard.relay import load_zmq
+
+    load_zmq(core)
     core.monitor_start("ipc://" + os.path.join(tmp, "relay"))
     time.sleep(0.05)
     (tid,) = [t for t in os.listdir("/proc/self/task")

@@ -13,6 +13,11 @@
 #include "mg_ring.h"
 #include "mg_measures.h"
 #include "mg_sites.h"
+#include "mg_zmq.h"
+
+#if PY_VERSION_HEX < 0x030A0000 || PY_VERSION_HEX >= 0x030E0000
+#error "memguard supports CPython 3.10 to 3.13 (csrc/frames.c walks those frame layouts)"
+#endif
 
 static PyObject *core_install(PyObject *self, PyObject *unused)
 {
@@ -344,14 +349,42 @@ static PyObject *core_sites_config(PyObject *self, PyObject *args, PyObject *kwa
                          "blocks", (unsigned long long)st.blocks);
 }
 
+static PyObject *core_zmq_load(PyObject *self, PyObject *args)
+{
+    const char *path = NULL;
+    const char *why = NULL;
+
+    if (!PyArg_ParseTuple(args, "z:zmq_load", &path))
+        return NULL;
+    if (mg_zmq_load(path, &why) < 0) {
+        PyErr_SetString(PyExc_ImportError, why);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *core_monitor_start(PyObject *self, PyObject *args)
 {
     const char *endpoint;
     int period_ms = 2;
+    PyObject *ctx_obj = Py_None;
+    void *ctx = NULL;
 
-    if (!PyArg_ParseTuple(args, "s|i:monitor_start", &endpoint, &period_ms))
+    if (!PyArg_ParseTuple(args, "s|iO:monitor_start", &endpoint, &period_ms, &ctx_obj))
         return NULL;
-    if (mg_monitor_start(endpoint, period_ms) < 0)
+    if (ctx_obj != Py_None) {
+        ctx = PyLong_AsVoidPtr(ctx_obj);
+        if (ctx == NULL) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "monitor_start: context must not be 0");
+            return NULL;
+        }
+    }
+    if (!mg_zmq_loaded()) {
+        PyErr_SetString(PyExc_RuntimeError, "monitor_start: call zmq_load first");
+        return NULL;
+    }
+    if (mg_monitor_start(endpoint, period_ms, ctx) < 0)
         return PyErr_SetFromErrno(errno == EINVAL ? PyExc_ValueError : PyExc_OSError);
     Py_RETURN_NONE;
 }
@@ -442,10 +475,16 @@ static PyMethodDef core_methods[] = {
     {"refusal", core_refusal, METH_NOARGS,
      "refusal() -> dict\n\nThe last allocation raise mode refused: count (refusals so far), "
      "bytes, reason (REFUSE_BUDGET or REFUSE_LIMIT), line (-1 if unknown), epoch."},
+    {"zmq_load", core_zmq_load, METH_VARARGS,
+     "zmq_load(path: str | None) -> None\n\nResolve libzmq's calls from the shared object at "
+     "path, already loaded (pyzmq's backend extension) or to be loaded; None searches the "
+     "global scope. Idempotent. Raises ImportError with the reason."},
     {"monitor_start", core_monitor_start, METH_VARARGS,
-     "monitor_start(endpoint: str, period_ms: int = 2) -> None\n\nConnect a PUSH socket to "
-     "endpoint and start the monitor thread. Raises OSError (EALREADY if running) or "
-     "ValueError for a period outside 1-1000 ms."},
+     "monitor_start(endpoint: str, period_ms: int = 2, context: int | None = None) -> None"
+     "\n\nConnect a PUSH socket to endpoint, in the libzmq context at address context "
+     "(pyzmq's Context.underlying, kept alive by the caller until monitor_stop) or in one of "
+     "its own, and start the monitor thread. Raises RuntimeError before zmq_load, OSError "
+     "(EALREADY if running) or ValueError for a period outside 1-1000 ms."},
     {"monitor_stop", core_monitor_stop, METH_NOARGS,
      "monitor_stop() -> None\n\nStop and join the monitor thread and close its socket."},
     {"monitor_stats", core_monitor_stats, METH_NOARGS,
@@ -474,7 +513,15 @@ static void core_atexit(void)
 PyMODINIT_FUNC PyInit__core(void)
 {
     static int initialized = 0;
-    PyObject *m = PyModule_Create(&core_module);
+    PyObject *m;
+
+#ifdef Py_GIL_DISABLED
+    /* The hooks and the frame walk rely on the GIL (include/memguard.h). */
+    PyErr_SetString(PyExc_ImportError,
+                    "memguard: free-threaded CPython (Py_GIL_DISABLED) is not supported");
+    return NULL;
+#endif
+    m = PyModule_Create(&core_module);
 
     if (m == NULL)
         return NULL;

@@ -6,19 +6,21 @@
 #include <stdatomic.h>
 #include <string.h>
 #include <time.h>
-#include <zmq.h>
 
 #include "mg_acct.h"
 #include "mg_blackbox.h"
 #include "mg_monitor.h"
 #include "mg_ring.h"
+#include "mg_zmq.h"
 #include "mg_measures.h"
 
 _Static_assert(sizeof(mg_wire_t) == 64, "mg_wire_t must have no padding");
 
 /* Written by start/stop (GIL held) while the thread is not running; the thread reads
- * s_sock only between its creation and its join, which order the accesses. */
+ * s_sock only between its creation and its join, which order the accesses. s_own_ctx:
+ * s_ctx was created here (and is terminated here), not lent by the caller. */
 static void *s_ctx = NULL;
+static int s_own_ctx = 0;
 static void *s_sock = NULL;
 static pthread_t s_thread;
 static int s_period_ms = 2;
@@ -39,7 +41,7 @@ static int mg_zmq_check(int rc)
 {
     if (rc >= 0)
         return 0;
-    if (zmq_errno() == EAGAIN)
+    if (mg_zmq.errno_() == EAGAIN)
         atomic_fetch_add_explicit(&s_dropped, 1, memory_order_relaxed);
     return -1;
 }
@@ -62,7 +64,7 @@ static void relay_send(uint32_t kind, int64_t epoch, int32_t line, int64_t bytes
     w.peak = snap.epoch == epoch ? snap.cell_peak - snap.cell_start : usage;
     w.budget = snap.budget;
     w.t = t;
-    if (mg_zmq_check(zmq_send(s_sock, &w, sizeof(w), ZMQ_DONTWAIT)) == 0)
+    if (mg_zmq_check(mg_zmq.send(s_sock, &w, sizeof(w), MG_ZMQ_DONTWAIT)) == 0)
         atomic_fetch_add_explicit(&s_sent, 1, memory_order_relaxed);
 }
 
@@ -155,7 +157,7 @@ static void *relay_main(void *arg)
     return NULL;
 }
 
-int mg_monitor_start(const char *endpoint, int period_ms)
+int mg_monitor_start(const char *endpoint, int period_ms, void *ctx)
 {
     int linger = 0;
     int hwm = 1000;
@@ -169,15 +171,20 @@ int mg_monitor_start(const char *endpoint, int period_ms)
         errno = EINVAL;
         return MG_ERR;
     }
-    s_ctx = zmq_ctx_new();
+    if (!mg_zmq_loaded()) {
+        errno = ENOSYS;
+        return MG_ERR;
+    }
+    s_own_ctx = ctx == NULL;
+    s_ctx = s_own_ctx ? mg_zmq.ctx_new() : ctx;
     if (s_ctx == NULL)
         return MG_ERR;
-    s_sock = zmq_socket(s_ctx, ZMQ_PUSH);
+    s_sock = mg_zmq.socket(s_ctx, MG_ZMQ_PUSH);
     if (s_sock == NULL)
         goto error;
-    if (zmq_setsockopt(s_sock, ZMQ_LINGER, &linger, sizeof(linger)) < 0 ||
-        zmq_setsockopt(s_sock, ZMQ_SNDHWM, &hwm, sizeof(hwm)) < 0 ||
-        zmq_connect(s_sock, endpoint) < 0)
+    if (mg_zmq.setsockopt(s_sock, MG_ZMQ_LINGER, &linger, sizeof(linger)) < 0 ||
+        mg_zmq.setsockopt(s_sock, MG_ZMQ_SNDHWM, &hwm, sizeof(hwm)) < 0 ||
+        mg_zmq.connect(s_sock, endpoint) < 0)
         goto error;
     s_period_ms = period_ms;
     atomic_store_explicit(&s_stop, 0, memory_order_release);
@@ -194,8 +201,9 @@ int mg_monitor_start(const char *endpoint, int period_ms)
 error:
     rc = errno;
     if (s_sock != NULL)
-        zmq_close(s_sock);
-    zmq_ctx_term(s_ctx);
+        mg_zmq.close(s_sock);
+    if (s_own_ctx)
+        mg_zmq.ctx_term(s_ctx);
     s_sock = NULL;
     s_ctx = NULL;
     errno = rc;
@@ -209,8 +217,9 @@ int mg_monitor_stop(void)
     atomic_store_explicit(&s_stop, 1, memory_order_release);
     pthread_join(s_thread, NULL);
     atomic_store_explicit(&s_running, 0, memory_order_release);
-    zmq_close(s_sock);
-    zmq_ctx_term(s_ctx);
+    mg_zmq.close(s_sock);
+    if (s_own_ctx)
+        mg_zmq.ctx_term(s_ctx);
     s_sock = NULL;
     s_ctx = NULL;
     return MG_OK;

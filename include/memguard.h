@@ -5,7 +5,11 @@
 
 #include <stdint.h>
 
-#define MG_VERSION "0.1.0"
+/* The package version, passed by setup.py from memguard.__version__ (the one place it is
+ * written); the C tests, built without it, say "dev". */
+#ifndef MG_VERSION
+#define MG_VERSION "dev"
+#endif
 
 /* Marks, in headers, the functions an allocator hook may call: no Py* API, no lock, no
  * malloc, no stdio, no zmq. Reviewers reject any other call made from hooks_*.c

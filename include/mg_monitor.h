@@ -42,19 +42,23 @@ typedef struct mg_wire {
  * grown by this fraction of the limit (so the alert is updated in place, not repeated). */
 #define MG_LIMIT_STEP 0.02
 
-/* Connect a PUSH socket (its own libzmq context) to endpoint (e.g. "ipc:///tmp/x/relay")
+/* Connect a PUSH socket to endpoint (e.g. "inproc://memguard-relay-1" or "ipc:///tmp/x/r")
+ * in the libzmq context ctx (pyzmq's Context.underlying, so that inproc:// reaches a pyzmq
+ * socket of the same context; the caller keeps it alive until mg_monitor_stop returns), or
+ * in a context of its own when ctx is NULL,
  * and start the monitor thread, which polls every period_ms milliseconds (1-1000): it
  * forwards ring events, sends growth updates, samples RSS and applies the RSS budget rule
  * (a cell whose RSS grew by more than its budget before its tracked usage did gets an
  * MG_KIND_BUDGET_RSS record: memory from native code the hooks cannot see) and the limit
  * rule (MG_KIND_LIMIT when the limit's measure passes its alert fraction; count = the
  * mg_measure_t, bytes = usage = the measure).
- * Returns 0; -1 with errno = EALREADY if running, EINVAL for a bad period, or the errno
- * libzmq or pthread_create set. GIL held (or no Python at all, in the C tests). */
-int mg_monitor_start(const char *endpoint, int period_ms);
+ * Returns 0; -1 with errno = EALREADY if running, EINVAL for a bad period, ENOSYS before
+ * mg_zmq_load, or the errno libzmq or pthread_create set. GIL held (or no Python at all, in
+ * the C tests). */
+int mg_monitor_start(const char *endpoint, int period_ms, void *ctx);
 
 /* Stop and join the monitor thread, then close the socket and terminate its context
- * (linger 0, so this never blocks on an absent peer). Returns 0 (also when not running).
+ * if it was its own (linger 0, so this never blocks on an absent peer). Returns 0 (also when not running).
  * Not from a hook. */
 int mg_monitor_stop(void);
 

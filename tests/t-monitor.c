@@ -11,6 +11,7 @@
 #include "mg_monitor.h"
 #include "mg_ring.h"
 #include "mg_measures.h"
+#include "mg_zmq.h"
 #include "tap.h"
 
 static void *s_ctx;
@@ -40,7 +41,7 @@ static void t_budget_event_arrives_as_a_record(void)
     ev.usage = 1500;
     ev.t = mg_ring_now();
     check_int(mg_ring_push(&ev), ==, 0);
-    check_int(mg_monitor_start(s_endpoint, 1), ==, 0);
+    check_int(mg_monitor_start(s_endpoint, 1, NULL), ==, 0);
     check_int(recv_wire(&w, 2000), ==, (int)sizeof(w));
     check_uint(w.version, ==, MG_WIRE_VERSION);
     check_uint(w.kind, ==, MG_KIND_BUDGET);
@@ -71,7 +72,7 @@ static void t_peak_growth_sends_an_update(void)
 static void t_second_start_says_ealready(void)
 {
     errno = 0;
-    check_int(mg_monitor_start(s_endpoint, 1), ==, -1);
+    check_int(mg_monitor_start(s_endpoint, 1, NULL), ==, -1);
     check_int(errno, ==, EALREADY);
     check_int(mg_monitor_running(), ==, 1);
 }
@@ -86,9 +87,9 @@ static void t_stop_joins_and_is_idempotent(void)
 static void t_bad_period_and_endpoint_fail_cleanly(void)
 {
     errno = 0;
-    check_int(mg_monitor_start(s_endpoint, 0), ==, -1);
+    check_int(mg_monitor_start(s_endpoint, 0, NULL), ==, -1);
     check_int(errno, ==, EINVAL);
-    check_int(mg_monitor_start("nonsense://x", 5), ==, -1);
+    check_int(mg_monitor_start("nonsense://x", 5, NULL), ==, -1);
     check_int(mg_monitor_running(), ==, 0);
 }
 
@@ -104,7 +105,7 @@ static void t_forked_child_is_quiet(void)
     mg_ring_reset();
     mg_acct_set_enabled(1);
     check_int(pipe(fds), ==, 0);
-    check_int(mg_monitor_start(s_endpoint, 1), ==, 0);
+    check_int(mg_monitor_start(s_endpoint, 1, NULL), ==, 0);
     pid = fork();
     if (pid == 0) {
         mg_event_t ev;
@@ -146,7 +147,7 @@ static void t_limit_and_rss_budget_records(void)
     mg_acct_cell_begin(7, 4096); /* tiny budget: RSS growth of one page-in crosses it */
     /* A limit already half used: the monitor's first sample passes a 0.5 fraction. */
     mg_acct_set_limit(rss + rss / 2, MG_MEASURE_RSS, 0.5);
-    check_int(mg_monitor_start(s_endpoint, 1), ==, 0);
+    check_int(mg_monitor_start(s_endpoint, 1, NULL), ==, 0);
     {
         /* Grow RSS by 8 MB outside every hook, as native code would. */
         static char block[8 << 20];
@@ -172,9 +173,48 @@ static void t_limit_and_rss_budget_records(void)
     mg_acct_set_limit(0, MG_MEASURE_RSS, 0.9);
 }
 
+/* In a context lent by the caller (as pyzmq's is in a kernel), inproc:// reaches a PULL
+ * socket of that context, and stopping the monitor leaves the context usable. */
+static void t_lent_context_reaches_inproc_peer(void)
+{
+    void *pull = zmq_socket(s_ctx, ZMQ_PULL);
+    void *saved = s_pull;
+    mg_event_t ev;
+    mg_wire_t w;
+    int linger = 0;
+
+    zmq_setsockopt(pull, ZMQ_LINGER, &linger, sizeof(linger));
+    check_int(zmq_bind(pull, "inproc://mg-t-monitor"), ==, 0);
+    mg_acct_reset();
+    mg_ring_reset();
+    mg_acct_cell_begin(7, 1000);
+    memset(&ev, 0, sizeof(ev));
+    ev.kind = MG_KIND_BUDGET;
+    ev.epoch = 7;
+    ev.bytes = 1234;
+    ev.t = mg_ring_now();
+    check_int(mg_ring_push(&ev), ==, 0);
+    check_int(mg_monitor_start("inproc://mg-t-monitor", 1, s_ctx), ==, 0);
+    s_pull = pull;
+    check_int(recv_wire(&w, 2000), ==, (int)sizeof(w));
+    s_pull = saved;
+    check_int(w.epoch, ==, 7);
+    check_int(w.bytes, ==, 1234);
+    check_int(mg_monitor_stop(), ==, 0);
+    /* The lent context was not terminated: a new socket can still be made in it. */
+    void *again = zmq_socket(s_ctx, ZMQ_PUSH);
+    check_int(again != NULL, ==, 1);
+    zmq_close(again);
+    zmq_close(pull);
+}
+
 int main(void)
 {
     int linger = 0;
+    const char *why = NULL;
+
+    if (mg_zmq_load(NULL, &why) != 0)
+        test_skip_all(why);
 
     snprintf(s_endpoint, sizeof(s_endpoint), "ipc:///tmp/mg-t-monitor-%d", (int)getpid());
     s_ctx = zmq_ctx_new();
@@ -184,7 +224,7 @@ int main(void)
         test_skip_all("cannot bind an ipc:// endpoint in /tmp");
     if (mg_monitor_atfork_register() != 0)
         test_skip_all("pthread_atfork failed");
-    plan(7);
+    plan(8);
     TEST(t_budget_event_arrives_as_a_record(), "a budget event in the ring reaches the PULL peer as a 64-byte record");
     TEST(t_peak_growth_sends_an_update(), "peak growth of more than 10% after an alert sends an update record");
     TEST(t_second_start_says_ealready(), "starting a running relay fails with EALREADY");
@@ -192,6 +232,7 @@ int main(void)
     TEST(t_bad_period_and_endpoint_fail_cleanly(), "a bad period or endpoint fails without starting a thread");
     TEST(t_forked_child_is_quiet(), "a forked child stops counting, has no monitor and sends nothing");
     TEST(t_limit_and_rss_budget_records(), "the monitor sends a limit record past the fraction and a budget record for untracked RSS growth");
+    TEST(t_lent_context_reaches_inproc_peer(), "in a lent context the monitor reaches an inproc:// peer and leaves the context alive");
     zmq_close(s_pull);
     zmq_ctx_term(s_ctx);
     unlink(s_endpoint + strlen("ipc://"));

@@ -89,6 +89,9 @@ def _real_box(tmp_path, name="kernel-x.mgbox"):
     core.blackbox_open(path, "kernel-x.json")
     core.blackbox_set_cell(1, 5, "a = 1\nb = [0] * 10\n")
     core.blackbox_add_alert(1, 5, 0, 2, 123, "over budget")
+    from memguard.relay import load_zmq
+
+    load_zmq(core)
     core.monitor_start(f"ipc://{tmp_path}/nobody")  # the monitor writes state and samples
     time.sleep(0.35)
     core.monitor_stop()

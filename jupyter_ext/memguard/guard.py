@@ -52,7 +52,7 @@ def load(shell):
         print(f"memguard: not loaded: its C extension cannot be imported ({exc}).")
         return
     from .magics import MemguardMagics
-    from .relay import Publisher, Relay
+    from .relay import Publisher, Relay, load_zmq
 
     STATE.core = _core
     STATE.shell = shell
@@ -73,10 +73,11 @@ def load(shell):
     _core.set_user_globals(shell.user_global_ns)
     STATE.publisher = Publisher(STATE.kernel)
     _open_blackbox(_core)
+    load_zmq(_core)
     STATE.relay = Relay(_core.WIRE_FORMAT, _on_record)
     STATE.relay.start()
     STATE.relay_sent_at_start = _core.monitor_stats()["sent"]
-    _core.monitor_start(STATE.relay.endpoint)
+    _core.monitor_start(STATE.relay.endpoint, 2, STATE.relay.context)
     shell.events.register("pre_run_cell", pre_run_cell)
     shell.events.register("post_run_cell", post_run_cell)
     shell.register_magics(MemguardMagics)

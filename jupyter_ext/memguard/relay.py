@@ -1,48 +1,57 @@
 """From the C monitor thread to the notebook: the drain of alert records and their
 publication on IOPub.
 
-The C monitor thread (csrc/monitor.c) PUSHes fixed-size records over libzmq to an ``ipc://``
-endpoint. ``Relay`` owns the PULL end, on a Python thread of its own, decodes each record
-and hands it to a callback. ``Publisher`` sends alerts as IOPub ``display_data`` (first time)
+The C monitor thread (csrc/monitor.c) PUSHes fixed-size records over libzmq to an
+``inproc://`` endpoint. ``Relay`` owns the PULL end, on a Python thread of its own, decodes
+each record and hands it to a callback. ``Publisher`` sends alerts as IOPub ``display_data`` (first time)
 or ``update_display_data`` (same cause again in the same cell), parented to the
 ``execute_request`` of the cell the alert belongs to, so it appears under that cell even
 while the cell is still running.
 
-Why ipc and not inproc: pyzmq wheels bundle their own libzmq, so the C extension (linked to
-the system libzmq) and pyzmq live in different libzmq copies and contexts, between which
-``inproc://`` silently drops messages (../shared/notes/platform-facts.md).
+Why inproc works: ``memguard._core`` links no libzmq; it resolves libzmq's calls from the
+copy pyzmq loaded (``load_zmq``), so both ends are sockets of the one pyzmq ``Context`` the
+relay owns (``inproc://`` connects sockets of one context only, zmq_inproc(7)), and no file
+or directory is needed for the endpoint.
 Why a thread of our own rather than a stream on the kernel's IOPub thread: it behaves the
 same under ipykernel 6 and 7 and in a terminal IPython (no IOPub at all), and its sends go
 through ``kernel.iopub_socket``, which ipykernel documents as safe from any thread; latency
 is the same, since any Python relay waits for the GIL.
 """
 
-import shutil
 import struct
 import sys
-import tempfile
 import threading
 import uuid
 
 import zmq
+import zmq.backend.cython._zmq as _zmq_backend
 
 from . import render
 
 
+def load_zmq(core):
+    """Point ``core`` (memguard._core) at the libzmq pyzmq has loaded: one libzmq per
+    process, whichever pyzmq uses (its wheel's bundled copy, or a system one it was built
+    against). Raises ImportError with the reason if it cannot be resolved."""
+    core.zmq_load(_zmq_backend.__file__)
+
+
 class Relay:
-    """A PULL socket bound to a private ``ipc://`` endpoint, drained by a daemon thread.
+    """A PULL socket bound to a private ``inproc://`` endpoint, drained by a daemon thread.
 
     ``on_record(fields: tuple)`` is called on the relay thread with the fields of each
     record decoded by ``struct.unpack(wire_format, message)``; malformed messages are
-    counted in ``bad`` and dropped.
+    counted in ``bad`` and dropped. ``context`` is the address of the relay's libzmq
+    context (``zmq.Context.underlying``), which the C monitor's PUSH socket must share;
+    stop the monitor before ``stop()`` terminates it.
     """
 
     def __init__(self, wire_format, on_record):
         self._struct = struct.Struct(wire_format)
         self._on_record = on_record
-        self._dir = tempfile.mkdtemp(prefix="memguard-")
-        self.endpoint = f"ipc://{self._dir}/relay"
+        self.endpoint = f"inproc://memguard-relay-{uuid.uuid4().hex}"
         self._ctx = zmq.Context()
+        self.context = self._ctx.underlying
         self._sock = self._ctx.socket(zmq.PULL)
         self._sock.linger = 0
         self._sock.bind(self.endpoint)
@@ -78,13 +87,12 @@ class Relay:
                     self.processed += 1
 
     def stop(self):
-        """Stop the thread (within ~0.1 s), close the socket and remove the endpoint."""
+        """Stop the thread (within ~0.1 s), close the socket and terminate the context."""
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=2.0)
         self._sock.close(linger=0)
         self._ctx.term()
-        shutil.rmtree(self._dir, ignore_errors=True)
 
 
 class Publisher:
