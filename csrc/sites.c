@@ -24,11 +24,20 @@ typedef struct site_slot {
     _Atomic int64_t reported;    /* hooks (CAS): live bytes at the last accumulation event */
 } site_slot_t;
 
+/* A block slot is claimed first, then filled: an insert claims a free slot with a CAS on
+ * addr (acq_rel), then stores bytes and site (relaxed) and site_key last (release). A
+ * lookup loads addr (acquire), then site_key (acquire): KEY_EMPTY there means "claimed but
+ * not filled yet", and then bytes and site are not the block's. The free of p removes
+ * site_key (relaxed) before it frees addr (release), so the next claimant starts unfilled.
+ * Only the thread that got p from malloc inserts p and only the one freeing it removes it,
+ * so the fields of a claimed slot have one writer at a time. */
 typedef struct block_slot {
-    _Atomic uintptr_t addr;      /* written by inserts (CAS/store) and frees (store) */
-    _Atomic uint64_t site_key;   /* written by the inserting hook before anyone can free p */
-    _Atomic int64_t bytes;       /* same */
-    _Atomic uint32_t site;       /* index into s_sites, or UINT32_MAX for none */
+    _Atomic uintptr_t addr;      /* inserts (CAS), frees and the stale path (release store);
+                                  * read by every lookup (acquire) */
+    _Atomic uint64_t site_key;   /* the claimant (release, after bytes and site) and the free
+                                  * (relaxed, before addr); read after addr (acquire) */
+    _Atomic int64_t bytes;       /* the claimant (relaxed); read after site_key (relaxed) */
+    _Atomic uint32_t site;       /* index into s_sites, or UINT32_MAX for none; same */
 } block_slot_t;
 
 static site_slot_t s_sites[MG_SITE_SLOTS];
@@ -172,6 +181,22 @@ static void sites_shrink(uint32_t s, uint64_t key, int64_t bytes)
     atomic_fetch_sub_explicit(&s_sites[s].live_count, 1, memory_order_relaxed);
 }
 
+/* Take the block recorded in b (whose addr the caller matched) off its site and empty the
+ * slot's value, leaving addr to the caller. A slot claimed but not filled yet (site_key
+ * still KEY_EMPTY) holds no block: it can only be seen here when a free of p races the
+ * insert of p, which malloc rules out, and then nothing is taken off. */
+static void block_forget(block_slot_t *b)
+{
+    uint64_t key = atomic_load_explicit(&b->site_key, memory_order_acquire);
+
+    if (key == KEY_EMPTY)
+        return;
+    sites_shrink(atomic_load_explicit(&b->site, memory_order_relaxed), key,
+                 atomic_load_explicit(&b->bytes, memory_order_relaxed));
+    atomic_store_explicit(&b->site_key, (uint64_t)KEY_EMPTY, memory_order_relaxed);
+    atomic_fetch_sub_explicit(&s_blocks_live, 1, memory_order_relaxed);
+}
+
 MG_HOOKSAFE void mg_sites_alloc(void *p, size_t n, int64_t epoch, int32_t line)
 {
     uintptr_t a = (uintptr_t)p;
@@ -190,26 +215,21 @@ MG_HOOKSAFE void mg_sites_alloc(void *p, size_t n, int64_t epoch, int32_t line)
 
         if (k == a) {
             /* A stale record: p was freed while counting was off. Nobody else can hold p
-             * (malloc just returned it), so the slot is ours to reuse. */
-            sites_shrink(atomic_load_explicit(&b->site, memory_order_relaxed),
-                         atomic_load_explicit(&b->site_key, memory_order_relaxed),
-                         atomic_load_explicit(&b->bytes, memory_order_relaxed));
-            atomic_fetch_sub_explicit(&s_blocks_live, 1, memory_order_relaxed);
+             * (malloc just returned it), so the slot is already ours: take the old block
+             * off its site and fill the slot anew. */
+            block_forget(b);
         } else if (k != KEY_EMPTY && k != KEY_TOMB) {
             continue;
-        }
-        /* Fill the value before publishing the address (release), so a lookup that sees
-         * the address sees its site. */
-        atomic_store_explicit(&b->site_key, key, memory_order_relaxed);
-        atomic_store_explicit(&b->bytes, (int64_t)n, memory_order_relaxed);
-        atomic_store_explicit(&b->site, s < 0 ? UINT32_MAX : (uint32_t)s, memory_order_relaxed);
-        if (k == a) {
-            atomic_store_explicit(&b->addr, a, memory_order_release);
         } else if (!atomic_compare_exchange_strong_explicit(&b->addr, &k, a,
                                                              memory_order_acq_rel,
                                                              memory_order_relaxed)) {
-            continue; /* another insert took this free slot first: keep probing */
+            continue; /* another insert claimed this free slot first: keep probing */
         }
+        /* The slot is ours: fill it, site_key last (release), so a lookup that sees the key
+         * sees the bytes and site that go with it. */
+        atomic_store_explicit(&b->bytes, (int64_t)n, memory_order_relaxed);
+        atomic_store_explicit(&b->site, s < 0 ? UINT32_MAX : (uint32_t)s, memory_order_relaxed);
+        atomic_store_explicit(&b->site_key, key, memory_order_release);
         atomic_fetch_add_explicit(&s_blocks_live, 1, memory_order_relaxed);
         if (s >= 0)
             sites_grow((size_t)s, epoch, line, (int64_t)n);
@@ -231,13 +251,10 @@ MG_HOOKSAFE void mg_sites_free(void *p)
             return; /* inserts fill the first free slot, so p is not further on */
         if (k != a)
             continue;
-        sites_shrink(atomic_load_explicit(&b->site, memory_order_relaxed),
-                     atomic_load_explicit(&b->site_key, memory_order_relaxed),
-                     atomic_load_explicit(&b->bytes, memory_order_relaxed));
+        block_forget(b);
         /* Only the thread freeing p can remove p, and inserts only CAS free slots, so a
          * plain store is enough. */
         atomic_store_explicit(&b->addr, (uintptr_t)KEY_TOMB, memory_order_release);
-        atomic_fetch_sub_explicit(&s_blocks_live, 1, memory_order_relaxed);
         return;
     }
 }
@@ -325,8 +342,10 @@ void mg_sites_reset(void)
         atomic_store(&s_sites[j].live_count, 0);
         atomic_store(&s_sites[j].reported, 0);
     }
-    for (unsigned j = 0; j < MG_BLOCK_SLOTS; j++)
+    for (unsigned j = 0; j < MG_BLOCK_SLOTS; j++) {
         atomic_store(&s_blocks[j].addr, (uintptr_t)KEY_EMPTY);
+        atomic_store(&s_blocks[j].site_key, (uint64_t)KEY_EMPTY);
+    }
     atomic_store(&s_dropped, 0);
     atomic_store(&s_blocks_live, 0);
 }
