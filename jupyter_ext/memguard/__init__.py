@@ -2,7 +2,7 @@
 
 ``%load_ext memguard`` counts every cell's memory (Python heap and NumPy data, through the C
 extension ``memguard._core``), enforces per-cell budgets and alerts under the running cell
-over IOPub. See README.md and the public contract in interface.md.
+over IOPub. See README.md and the public contract in docs/interface.md.
 
 Nothing here touches IPython or the kernel at import time; the work happens in
 ``load_ipython_extension``.

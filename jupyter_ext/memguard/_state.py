@@ -11,12 +11,14 @@ import typing
 
 # The sparse_to_dense rule used when the cell has no budget: alert when the dense result
 # is at least MIN_RATIO times the sparse matrix's bytes and at least MIN_BYTES. The figures
-# are the product's design rule (issue 2): below ~256 MiB a densification rarely threatens a
-# notebook machine, and below 10x the sparse form saved little to begin with.
+# are the product's design rule (docs/design.md, "Limits and measures"): below ~256 MiB a
+# densification rarely threatens a notebook machine, and below 10x the sparse form saved
+# little to begin with.
 SPARSE_MIN_BYTES = 256 * 2**20
 SPARSE_MIN_RATIO = 10.0
-# The limit alert fires when the limit's measure passes this fraction of the limit (issue 4:
-# 90%, configurable with memguard.configure(limit_fraction=...)).
+# The limit alert fires when the limit's measure passes this fraction of the limit
+# (docs/design.md, "Limits and measures": 90%, configurable with
+# memguard.configure(limit_fraction=...)).
 LIMIT_FRACTION = 0.9
 # How many cells' records (parents, alerts) are kept for late alerts and history.
 MAX_CELLS = 1000

@@ -1,4 +1,4 @@
-"""Alert records (the ``application/vnd.memguard.alert+json`` schema of interface.md).
+"""Alert records (the ``application/vnd.memguard.alert+json`` schema of docs/interface.md).
 
 Each function returns a plain dict with at least ``kind``, ``cell``, ``line``, ``bytes``,
 ``budget``, ``limit``, ``limit_source``, ``peak`` and ``message``; sizes are integer bytes.

@@ -87,7 +87,7 @@ def _limit_text(alert):
 
 def key_figures(alert):
     """The alert's key figures as ``[(label, value text)]``, units included, most telling
-    first: per kind (interface.md), then the cell's peak, budget and the limit."""
+    first: per kind (docs/interface.md), then the cell's peak, budget and the limit."""
     kind = alert.get("kind")
     out = []
     budget, limit, peak = alert.get("budget"), alert.get("limit"), alert.get("peak")
@@ -347,7 +347,7 @@ def _fallback_html(plain):
 
 
 def alert_bundle(alert):
-    """The ``data`` of the IOPub message: the three MIME types of interface.md.
+    """The ``data`` of the IOPub message: the three MIME types of docs/interface.md.
 
     Rendering runs on the relay thread: a field missing from an alert must not stop the
     alert, so a failed rendering falls back to the message itself."""

@@ -1,4 +1,4 @@
-"""Parse and format byte sizes for the magics (``SIZE`` in interface.md).
+"""Parse and format byte sizes for the magics (``SIZE`` in docs/interface.md).
 
 Units come from humanfriendly: decimal (``500MB``, ``1.5G``, ``800M``) and binary
 (``2GiB``), as documented at https://humanfriendly.readthedocs.io (``parse_size``). A plain
