@@ -44,7 +44,7 @@ Units
     Milliseconds in the table and in the JSON (``*_ms``); p50/p99 are percentiles with
     linear interpolation (with 20 runs p99 is essentially the maximum).
 
-Target (issue 4)
+Target (docs/design.md, "Alert latency")
     p99 <= 50 ms wherever the GIL is released or Python bytecode runs (the first four
     scenarios). Where C code holds the GIL (``scipy_gil``, ``c_holds_gil``) a Python relay
     has to wait for it: those figures are measured and reported, not held to the target.

@@ -84,8 +84,9 @@ Instruction counts (``--callgrind``)
     instruction than it does natively: its Ir ratios overstate its real overhead. Written
     to build/bench_callgrind.json; one valgrind process per CPU, about 8 minutes here.
 
-Targets (issue 6, reported, not asserted): memguard python geomean <= 1.05 with no python
-    workload above 1.15, numpy geomean <= 1.01, memguard_rss_bytes <= 8 MiB.
+Targets (docs/design.md, "Allocator hooks"; reported, not asserted)
+    memguard python geomean <= 1.05 with no python workload above 1.15, numpy geomean
+    <= 1.01, memguard_rss_bytes <= 8 MiB.
 
 How to run
     make bench-overhead                 # all workloads and configurations (~9.5 min)
