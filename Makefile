@@ -11,8 +11,8 @@ APT_PACKAGES := libzmq3-dev pkg-config gcc make perl clang valgrind
 APT_COMPAT_PACKAGES := python3-venv python3-dev python3-ipykernel python3-jupyter-client \
 	python3-numpy python3-scipy python3-pytest python3-zmq python3-psutil \
 	python3-humanfriendly python3-setuptools python3-tabulate python3-matplotlib
-# Debian's browser and its WebDriver, for `make test-browser` (JupyterLab, Notebook 7 and
-# selenium come pinned from requirements/ci.txt).
+# Debian's browser and its WebDriver, for tests/test_browser.py in `make test` and
+# `make test-browser` (JupyterLab, Notebook 7 and selenium come pinned from requirements/ci.txt).
 APT_BROWSER_PACKAGES := chromium chromium-driver
 CC ?= cc
 CFLAGS_TEST := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -g -O1 -Iinclude -Itests
@@ -77,8 +77,10 @@ tests/bin/t-%: tests/t-%.c tests/tap.h $(C_ENGINE) $(wildcard include/*.h) | .st
 ctest: $(C_TESTS)
 	prove --exec '' $(C_TESTS)
 
-pytest: .stamp-installed
-	cd tests && ../$(VPY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) .
+# The browser test is part of the suite: chromium and its driver are installed first, and
+# MEMGUARD_REQUIRE_BROWSER=1 makes tests/test_browser.py fail, never skip, without them.
+pytest: .stamp-installed .stamp-apt-browser
+	cd tests && MEMGUARD_REQUIRE_BROWSER=1 ../$(VPY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) .
 
 # CI (.ci/run) runs this: the C tests also under ASan+UBSan and valgrind (the C part of
 # check-sanitize), and each fuzz target for 5 s.
@@ -89,7 +91,7 @@ fuzz-short:
 
 # The alert in a real browser (tests/test_browser.py): JupyterLab and Notebook 7 served on
 # localhost, driven by headless chromium; screenshots in build/alert-*.png. `make test` runs
-# the same test when chromium is installed and skips it otherwise.
+# the same test (its `pytest` step installs the browser too); this target runs it alone.
 .stamp-apt-browser: Makefile
 	$(call apt_install,$(APT_BROWSER_PACKAGES))
 	@touch $@
