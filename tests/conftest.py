@@ -30,12 +30,14 @@ IMPORT_GET_HANDLER_NAME = (
 class Execution:
     """What one execute_request produced: IOPub messages (with arrival times) and the reply."""
 
-    def __init__(self, msg_id, messages, reply, reply_time, sent_time):
+    def __init__(self, msg_id, messages, reply, reply_time, sent_time, others=(), status=()):
         self.msg_id = msg_id
         self.messages = messages  # list of (arrival monotonic seconds, msg)
         self.reply = reply
         self.reply_time = reply_time
         self.sent_time = sent_time
+        self.others = list(others)  # (arrival, msg): shell replies to other requests meanwhile
+        self.status = list(status)  # (arrival, msg): this request's busy/idle status messages
 
     @property
     def alerts(self):
@@ -95,14 +97,18 @@ class Kernel:
         self.kc.start_channels()
         self.kc.wait_for_ready(timeout=60)
 
-    def execute(self, code, timeout=TIMEOUT, ok=True):
+    def execute(self, code, timeout=TIMEOUT, ok=True, on_message=None):
         """Run ``code`` and collect its IOPub messages until idle and its execute_reply.
         With ok=True an error in the cell fails the test, with its traceback. With ok=False
         the error does not abort the requests that follow: ipykernel 6 stays in its abort
-        state for a moment after an error, so the test's next cell could be aborted."""
+        state for a moment after an error, so the test's next cell could be aborted.
+        ``on_message(channel, msg)``, if given, is called in this thread as each message
+        arrives, while the cell may still run: ``"iopub"`` for this request's IOPub
+        messages (status included), ``"shell"`` for replies to other requests."""
         sent = time.monotonic()
         msg_id = self.kc.execute(code, stop_on_error=ok)
         messages, reply, reply_time, idle = [], None, None, False
+        others, status = [], []
         deadline = sent + timeout
         while not (idle and reply is not None):
             if time.monotonic() > deadline:
@@ -113,8 +119,11 @@ class Kernel:
                 except Exception:
                     msg = None
                 if msg is not None and msg["parent_header"].get("msg_id") == msg_id:
-                    if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-                        idle = True
+                    if on_message is not None:
+                        on_message("iopub", msg)
+                    if msg["msg_type"] == "status":
+                        status.append((time.monotonic(), msg))
+                        idle = msg["content"]["execution_state"] == "idle"
                     else:
                         messages.append((time.monotonic(), msg))
             if reply is None:
@@ -124,7 +133,11 @@ class Kernel:
                     r = None
                 if r is not None and r["parent_header"].get("msg_id") == msg_id:
                     reply, reply_time = r, time.monotonic()
-        ex = Execution(msg_id, messages, reply, reply_time, sent)
+                elif r is not None:
+                    others.append((time.monotonic(), r))
+                    if on_message is not None:
+                        on_message("shell", r)
+        ex = Execution(msg_id, messages, reply, reply_time, sent, others, status)
         if ok and ex.error:
             pytest.fail(f"cell failed: {ex.error['ename']}: {ex.error['evalue']}\n"
                         + "\n".join(ex.error.get("traceback", [])))

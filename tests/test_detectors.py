@@ -108,7 +108,10 @@ def test_native_memory_shows_as_the_untracked_gap_in_the_budget_alert(kernel):
             "libc.malloc.restype = ctypes.c_void_p\n"
             "p = libc.malloc(400_000_000)\n"
             "ctypes.memset(p, 1, 400_000_000)  # native: no Python allocator sees it\n"
-            "time.sleep(0.3)\n")
+            "from memguard._state import STATE  # then wait (30 s at most) for the RSS rule:\n"
+            "deadline = time.monotonic() + 30\n"
+            "while time.monotonic() < deadline and not any("
+            "a['kind'] == 'budget' for a in STATE.current.alerts): time.sleep(0.005)\n")
     ex = kernel.execute(code)
     alert = last_alert(ex, "budget")
     assert alert["cell"] == ex.execution_count

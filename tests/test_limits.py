@@ -471,18 +471,62 @@ def test_limit_is_frozen():
 # --- the real machine ------------------------------------------------------------------
 
 
-def test_real_machine_limit_is_positive_and_at_most_physical_ram():
+def test_real_machine_limit_is_the_smallest_of_cgroup_rlimit_and_physical_ram():
     limit = limits.effective_limit()
 
-    assert limit.source in {"cgroup", "rlimit", "physical"}
-    assert 0 < limit.bytes <= _physical_bytes()
     assert limit.detail
+    if limit.source == "cgroup":  # read back from the file it names, and below the others
+        assert limit.bytes == int(Path(limit.detail).read_text())
+        assert limit.bytes <= _fallback()[0]
+    else:
+        assert (limit.bytes, limit.source) == _fallback()
 
 
-def test_real_machine_cgroup_usage_is_none_or_non_negative():
+def _own_cgroup_usage_file():
+    """This process's memory cgroup usage file, found without limits.py: the v2 or v1 memory
+    line of /proc/self/cgroup joined to the hierarchy's mount point from /proc/self/mountinfo
+    (mount root "/" only). None if there is no memory cgroup mounted that way."""
+    cgroups = Path("/proc/self/cgroup").read_text().splitlines()
+    mounts = [line.split() for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    for line in cgroups:
+        _, controllers, path = line.split(":", 2)
+        for fields in mounts:
+            sep = fields.index("-")
+            fstype, root, point = fields[sep + 1], fields[3], fields[4]
+            super_options = fields[sep + 3].split(",")
+            if root != "/":
+                continue
+            if controllers == "" and fstype == "cgroup2":
+                name = "memory.current"
+            elif "memory" in controllers.split(",") and fstype == "cgroup" \
+                    and "memory" in super_options:
+                name = "memory.usage_in_bytes"
+            else:
+                continue
+            candidate = Path(point + path) / name
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def test_real_machine_cgroup_usage_is_this_process_cgroup_usage():
+    """With no cgroup limit, the usage is that of this process's own memory cgroup (the one
+    its allocations are charged to); a limit instead binds the limiting cgroup's usage."""
+    limit = limits.effective_limit()
+    expected_file = (Path(limits.usage_file_for(limit.detail)) if limit.source == "cgroup"
+                     else _own_cgroup_usage_file())
+    before = int(expected_file.read_text()) if expected_file else None
     usage = limits.cgroup_usage_bytes()
+    after = int(expected_file.read_text()) if expected_file else None
 
-    assert usage is None or usage >= 0
+    if expected_file is None:
+        assert usage is None
+        return
+    # The cgroup's usage moves while we read it (page cache, other processes in it): the
+    # answer must lie between the two direct reads, give or take 16 MiB.
+    assert usage is not None
+    assert min(before, after) - 16 * MiB <= usage <= max(before, after) + 16 * MiB, (
+        usage, before, after, str(expected_file))
 
 
 _PRINT_LIMIT = """
