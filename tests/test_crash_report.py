@@ -1,6 +1,7 @@
-"""Issue 5: the black box survives SIGKILL and the restarted kernel explains the death; bad
-black boxes are rejected in one line and set aside; the reader is fuzzed; a clean shutdown
-leaves nothing behind."""
+"""The black box and the post-crash report (docs/interface.md, "Files" and the
+``crash_report`` alert): the box survives SIGKILL and the restarted kernel explains the
+death; bad black boxes are rejected in one line and set aside; the reader is fuzzed; a clean
+shutdown leaves nothing behind."""
 
 import os
 import random

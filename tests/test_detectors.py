@@ -1,5 +1,6 @@
-"""Issue 3 against a real kernel: line attribution, the accumulation detector, budget alerts
-that name their top site, the untracked gap, summary/history, and tracemalloc together.
+"""The detectors of docs/interface.md against a real kernel: line attribution, the
+accumulation detector, budget alerts that name their top site, the untracked gap,
+summary/history, and tracemalloc together.
 
 Every figure is checked against what the cell itself allocated (within 10%)."""
 

@@ -1,4 +1,4 @@
-"""Issue 7 against real kernels: memguard never takes the kernel down, whatever the threads,
+"""Hardening against real kernels: memguard never takes the kernel down, whatever the threads,
 forks, reloads, environment or arguments. (Sanitized runs: `make check-sanitize`.)"""
 
 import os

@@ -1,4 +1,4 @@
-"""The four notebooks of issue 3 (one per motivating case) through nbclient, each in a fresh
+"""The notebooks of notebooks/ (one per motivating case) through nbclient, each in a fresh
 kernel: the bad cell gets its case's alert on the right line, with figures within 10% of
 what the cell allocated, and the fixed cell (like every other cell) gets none."""
 

@@ -1,7 +1,7 @@
-"""Issue 4 against real kernels: raise mode turns the allocation that would cross the budget
-or the limit into a clear MemoryError (the kernel lives on), the limit is discovered from
-RLIMIT_AS under prlimit, the limit alert fires past its fraction, shutdown stays quick, and a
-forked child stays quiet."""
+"""raise mode and the limit (docs/interface.md) against real kernels: raise mode turns the
+allocation that would cross the budget or the limit into a clear MemoryError (the kernel
+lives on), the limit is discovered from RLIMIT_AS under prlimit, the limit alert fires past
+its fraction, shutdown stays quick, and a forked child stays quiet."""
 
 import time
 
