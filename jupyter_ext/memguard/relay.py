@@ -44,6 +44,12 @@ class Relay:
     counted in ``bad`` and dropped. ``context`` is the address of the relay's libzmq
     context (``zmq.Context.underlying``), which the C monitor's PUSH socket must share;
     stop the monitor before ``stop()`` terminates it.
+
+
+    Sockets are not thread-safe (zmq_socket(3)): once started, the socket belongs to the
+    relay thread, which closes it on its way out; the context is terminated only after that
+    (zmq_ctx_term(3) blocks while a socket of it is open), by ``stop()`` or, when ``stop()``
+    gave up waiting, by the thread itself as it ends.
     """
 
     def __init__(self, wire_format, on_record):
@@ -57,6 +63,9 @@ class Relay:
         self._sock.bind(self.endpoint)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="memguard-relay", daemon=True)
+        self._lock = threading.Lock()
+        self._thread_done = False  # the thread has closed its socket (or never ran)
+        self._orphaned = False  # stop() gave up waiting: the thread terminates the context
         self.received = 0
         self.bad = 0
         self.processed = 0  # records handed to on_record and finished (or failed)
@@ -65,12 +74,23 @@ class Relay:
         self._thread.start()
 
     def _run(self):
+        try:
+            self._drain()
+        finally:
+            self._sock.close(linger=0)
+            with self._lock:
+                self._thread_done = True
+                orphaned = self._orphaned
+            if orphaned:
+                self._ctx.term()
+
+    def _drain(self):
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         while not self._stop.is_set():
             if not poller.poll(100):  # ms: bounds how long stop() waits
                 continue
-            while True:
+            while not self._stop.is_set():
                 try:
                     msg = self._sock.recv(zmq.NOBLOCK)
                 except zmq.Again:
@@ -86,13 +106,23 @@ class Relay:
                 finally:
                     self.processed += 1
 
-    def stop(self):
-        """Stop the thread (within ~0.1 s), close the socket and terminate the context."""
+    def stop(self, timeout=2.0):
+        """Stop the thread and terminate the context; stop the C monitor first. Waits up to
+        ``timeout`` seconds (the thread sees the request within 0.1 s, or when the record it
+        is handling is done). Returns True when everything is closed; False when the thread
+        is still busy: it then closes its socket and terminates the context as it ends."""
         self._stop.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout=2.0)
-        self._sock.close(linger=0)
+        if self._thread.ident is None:  # never started: no other thread has the socket
+            self._sock.close(linger=0)
+            self._thread_done = True
+        elif self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        with self._lock:
+            if not self._thread_done:
+                self._orphaned = True
+                return False
         self._ctx.term()
+        return True
 
 
 class Publisher:
