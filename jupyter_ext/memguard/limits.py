@@ -24,7 +24,8 @@ import sys
 from dataclasses import dataclass
 from typing import List, NamedTuple, Optional, Tuple
 
-__all__ = ["Limit", "effective_limit", "cgroup_usage_bytes"]
+__all__ = ["Limit", "effective_limit", "cgroup_usage_bytes", "usage_file_for", "Measure",
+           "MEASURES", "apply"]
 
 # Values at or above this mean "no limit". cgroup v1 reports an unset limit as
 # PAGE_COUNTER_MAX pages (9223372036854771712 with 4 KiB pages); no real machine has
@@ -58,6 +59,17 @@ class _Mount(NamedTuple):
     mount_point: str  # absolute path where it is mounted
     fstype: str
     super_options: Tuple[str, ...]
+
+
+class _Files(NamedTuple):
+    limit: str  # the limit file of a cgroup of this version
+    usage: str  # the usage file next to it
+
+
+# Per cgroup version: v2 memory.max / memory.current (cgroup-v2.rst), v1
+# memory.limit_in_bytes / memory.usage_in_bytes (cgroup-v1/memory.rst).
+_FILES = {2: _Files("memory.max", "memory.current"),
+          1: _Files("memory.limit_in_bytes", "memory.usage_in_bytes")}
 
 
 class _Hierarchy(NamedTuple):
@@ -282,7 +294,7 @@ def _cgroup_limit(proc_root: str, sys_root: str) -> Optional[Tuple[int, str]]:
     """
     best: Optional[Tuple[int, str]] = None
     for hierarchy in _hierarchies(proc_root, sys_root):
-        filename = "memory.max" if hierarchy.version == 2 else "memory.limit_in_bytes"
+        filename = _FILES[hierarchy.version].limit
         for index, directory in enumerate(hierarchy.dirs):
             if hierarchy.version == 1 and index > 0 and not _v1_parent_is_hierarchical(directory):
                 break
@@ -365,8 +377,8 @@ def usage_file_for(limit_file: str) -> str:
     v1 ``memory.limit_in_bytes`` -> ``memory.usage_in_bytes`` (cgroup-v2.rst, cgroup-v1
     memory.rst). For a :class:`Limit` with source ``"cgroup"``, pass its ``detail``."""
     directory, filename = posixpath.split(limit_file)
-    usage_name = "memory.current" if filename == "memory.max" else "memory.usage_in_bytes"
-    return posixpath.join(directory, usage_name)
+    version = 2 if filename == _FILES[2].limit else 1
+    return posixpath.join(directory, _FILES[version].usage)
 
 
 def cgroup_usage_bytes(proc_root: str = "/proc", sys_root: str = "/") -> Optional[int]:
@@ -382,8 +394,39 @@ def cgroup_usage_bytes(proc_root: str = "/proc", sys_root: str = "/") -> Optiona
     if limit is not None:
         return _parse_bytes(_read_text(usage_file_for(limit[1]), _VALUE_FILE_MAX))
     for hierarchy in _hierarchies(proc_root, sys_root):
-        usage_name = "memory.current" if hierarchy.version == 2 else "memory.usage_in_bytes"
+        usage_name = _FILES[hierarchy.version].usage
         value = _parse_bytes(_read_text(posixpath.join(hierarchy.dirs[0], usage_name), _VALUE_FILE_MAX))
         if value is not None:
             return value
     return None
+
+
+class Measure(NamedTuple):
+    """What a limit source limits, hence the figure compared with it (docs/design.md,
+    "Limits and measures"): RSS for physical RAM, the address-space size for RLIMIT_AS,
+    the cgroup's usage for a cgroup limit."""
+
+    label: str  # as alerts (field ``measure``) and %memguard status name it
+    field: str  # the coreview.Snapshot field that holds it, in bytes
+    core_name: str  # the memguard._core constant that names it to the C side
+
+
+# The one mapping from a limit's source to its measure.
+MEASURES = {"physical": Measure("RSS", "rss", "MEASURE_RSS"),
+            "rlimit": Measure("address space", "vm", "MEASURE_VM"),
+            "cgroup": Measure("cgroup usage", "cgroup", "MEASURE_CGROUP")}
+RSS = MEASURES["physical"]
+
+
+def apply(core, limit: Limit, fraction: float) -> Tuple[Measure, Optional[str]]:
+    """Hand ``limit``, its measure and the alert ``fraction`` (0-1] to the C side (``core``
+    is memguard._core). Returns the measure in force and a note, or None: when the cgroup's
+    usage file cannot be opened, the limit is compared with RSS and the note says why."""
+    measure = MEASURES.get(limit.source, RSS)
+    usage_file = usage_file_for(limit.detail) if limit.source == "cgroup" else None
+    try:
+        core.set_limit(limit.bytes, getattr(core, measure.core_name), fraction, usage_file)
+    except OSError as exc:
+        core.set_limit(limit.bytes, getattr(core, RSS.core_name), fraction, None)
+        return RSS, f"cannot read the cgroup's usage ({exc}); the limit alert uses RSS"
+    return measure, None
