@@ -20,7 +20,7 @@ def test_loading_twice_registers_hooks_once(kernel):
     ex = kernel.execute("%load_ext memguard")
     assert "already loaded" in ex.stdout
     ex = kernel.execute(
-        "import memguard.guard as g\n"
+        "import memguard.cells as g\n"
         "cbs = get_ipython().events.callbacks\n"
         "print(cbs['pre_run_cell'].count(g.pre_run_cell), cbs['post_run_cell'].count(g.post_run_cell))")
     assert ex.stdout.split() == ["1", "1"]

@@ -12,17 +12,18 @@ __version__ = "0.1.0"
 
 
 def load_ipython_extension(ipython):
-    """Install memguard into ``ipython`` (idempotent: loading twice registers hooks once)."""
-    from . import guard
+    """Install memguard into ``ipython`` (idempotent: loading twice registers hooks once).
+    If a step fails, the steps done are undone and the error is raised."""
+    from . import extension, magics
 
-    guard.load(ipython)
+    extension.load(ipython, magics.MemguardMagics)
 
 
 def unload_ipython_extension(ipython):
     """Remove every hook memguard installed into ``ipython`` and stop its threads."""
-    from . import guard
+    from . import extension
 
-    guard.unload(ipython)
+    extension.unload(ipython)
 
 
 def configure(sparse_min_bytes=None, sparse_min_ratio=None, attribution_threshold=None,
@@ -52,9 +53,9 @@ def configure(sparse_min_bytes=None, sparse_min_ratio=None, attribution_threshol
     a size that is not positive, a ratio < 1, a threshold < 4096 bytes, a count < 1 or a
     fraction outside (0, 1].
     """
-    from . import guard
+    from . import commands
 
-    return guard.configure(sparse_min_bytes, sparse_min_ratio, attribution_threshold,
+    return commands.configure(sparse_min_bytes, sparse_min_ratio, attribution_threshold,
                            accumulation_min_count, accumulation_budget_fraction,
                            accumulation_min_bytes, limit_fraction)
 
@@ -67,6 +68,6 @@ def history():
     ``seconds`` (wall time), ``top_site`` (``{cell, line, bytes, count}`` of the line still
     holding the most attributed bytes, or None) and ``alerts`` (kinds, in order). All sizes
     are integer bytes. The same table is shown by ``%memguard history``."""
-    from ._state import STATE
+    from . import commands
 
-    return [dict(rec) for rec in STATE.history]
+    return commands.history()

@@ -1,13 +1,16 @@
 """The one state object of the memguard extension in this process (``STATE``).
 
 Written by the main thread (load/unload, IPython events, magics); the relay thread only
-reads ``cells`` entries and ``limit`` and appends to a cell's ``alerts`` list.
+reads ``cells`` entries, ``limit`` and ``limit_measure`` and appends to a cell's ``alerts``
+list.
 """
 
 import collections
 import dataclasses
 import threading
 import typing
+
+from . import limits
 
 # The sparse_to_dense rule used when the cell has no budget: alert when the dense result
 # is at least MIN_RATIO times the sparse matrix's bytes and at least MIN_BYTES. The figures
@@ -36,6 +39,7 @@ class Cell:
     budget: int  # bytes, 0 = none
     alerts: list = dataclasses.field(default_factory=list)
     thread: typing.Optional[int] = None  # threading.get_ident() of the thread running it
+    code_name: typing.Optional[str] = None  # the filename IPython compiles it under, if known
     trace: typing.Any = None  # trace.CellTrace while a %%memguard --trace cell runs
 
 
@@ -63,14 +67,15 @@ class State:
     summary: bool = False  # %memguard summary on|off
     mode: str = "warn"  # %memguard mode warn|raise (a --raise cell overrides it for itself)
     limit_fraction: float = LIMIT_FRACTION
-    limit_measure: str = "RSS"  # what the limit is compared with: rss, address space, cgroup
-    refusals_seen: int = 0  # _core.refusal()["count"] already turned into a message
+    limit_measure: limits.Measure = limits.RSS  # what the limit is compared with
+    refusals_seen: int = 0  # coreview.Refusal.count already turned into a message
     blackbox_path: typing.Optional[str] = None  # this kernel's black box while loaded
     last_report: typing.Optional[dict] = None  # the crash_report found at load, for %memguard report
     pending_report: typing.Optional[dict] = None  # not yet shown under a cell
     saved_switch_interval: typing.Optional[float] = None  # sys.getswitchinterval() at load
     saved_custom_exc: typing.Any = None  # (custom_exceptions, CustomTB) before load
-    relay_sent_at_start: int = 0  # _core.monitor_stats()["sent"] when this load's relay began
+    relay_sent_at_start: int = 0  # coreview.MonitorStats.sent when this load's relay began
+    teardown: typing.Any = None  # contextlib.ExitStack undoing each step of the load, in reverse
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     def add_cell(self, cell):

@@ -63,9 +63,9 @@ def budget_alert(state, cell, line, usage, peak, budget, request, gap, top_site=
     return alert
 
 
-def accumulation_alert(state, cell, line, count, retained, peak, budget, rule):
+def accumulation_alert(state, cell, line, count, retained, peak, budget):
     """Line ``line`` keeps ``count`` blocks alive, ``retained`` bytes in all, within one cell:
-    the accumulation rule ``rule`` (dict from _core.sites_config) was met."""
+    the accumulation rule (``memguard.configure``) was met."""
     alert = _base("accumulation", state, cell, line, retained, peak, budget)
     alert["count"] = int(count)
     alert["retained_bytes"] = int(retained)
@@ -99,10 +99,10 @@ def sparse_to_dense_alert(state, cell, line, pred, peak, budget, count, reason):
 
 
 def limit_alert(state, cell, line, used, measure, peak, budget, request=0):
-    """The kernel's ``measure`` (``"rss"``, ``"address space"`` or ``"cgroup usage"``, the
-    figure the effective limit applies to) reached ``used`` bytes, past the alert fraction of
-    the limit; or, with ``request`` > 0, one allocation of ``request`` bytes asked for more
-    than is left under the limit (flagged before it was made)."""
+    """The kernel's ``measure`` (a limits.Measure label: ``"RSS"``, ``"address space"`` or
+    ``"cgroup usage"``, the figure the effective limit applies to) reached ``used`` bytes, past
+    the alert fraction of the limit; or, with ``request`` > 0, one allocation of ``request``
+    bytes asked for more than is left under the limit (flagged before it was made)."""
     alert = _base("limit", state, cell, line, request or used, peak, budget)
     limit = state.limit
     alert["used_bytes"] = int(used)

@@ -268,7 +268,7 @@ def _cmd_uninstall(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from . import blackbox, limits, report
+    from . import blackbox, limits, render, report
 
     path = args.file or blackbox.newest_dead()
     if path is None:
@@ -278,8 +278,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     except blackbox.BlackBoxError as exc:
         raise CliError(str(exc)) from None
     alert = report.crash_alert(box, limits.effective_limit())
-    print(f"{path} (kernel {box.connection}, died {report.age(alert)})")
-    print(report.text(alert))
+    print(f"{path} (kernel {box.connection}, died {render.crash_age(alert)})")
+    print(render.crash_text(alert))
     return 0
 
 

@@ -1,7 +1,8 @@
-"""The ``%memguard`` line magic and the ``%%memguard`` cell magic (interface.md).
+"""The ``%memguard`` line magic and the ``%%memguard`` cell magic (docs/interface.md).
 
 Arguments are parsed with argparse; any mistake raises IPython's ``UsageError`` with an
-accepted example and changes no setting.
+accepted example and changes no setting. What each subcommand does is in commands.py (and
+cells.py for the running cell); what it shows is drawn by render.py.
 """
 
 import argparse
@@ -11,10 +12,11 @@ import sys
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.display import display
 
-from . import guard
+from . import cells, commands, frames, render
 from ._state import STATE
-from .sizes import EXAMPLE, format_size, parse_size
+from .sizes import parse_size
 
 LINE_USAGE = """%memguard [status]         show limit, budget, mode, tracked, RSS and untracked bytes
 %memguard budget SIZE|off  default budget for every following cell (SIZE: 500MB, 2GiB, 25%, ...)
@@ -112,38 +114,26 @@ class MemguardMagics(Magics):
     def _line(self, line):
         args = _line_parser().parse_args(_split(line, LINE_USAGE))
         if args.command in (None, "status"):
-            from IPython.display import display
-
-            display(guard.status_bundle(), raw=True)
+            display(render.status_bundle(commands.status_rows()), raw=True)
         elif args.command == "budget":
-            if args.size.lower() in ("off", "none", "0"):
-                STATE.default_budget = 0
-                print("memguard: budget off for the following cells")
-            else:
-                STATE.default_budget = _size(args.size)
-                print(f"memguard: budget {format_size(STATE.default_budget)} per cell from the next cell on")
+            off = args.size.lower() in ("off", "none", "0")
+            print(commands.set_default_budget(0 if off else _size(args.size)))
         elif args.command == "mode":
-            guard.set_mode(args.mode)
-            print(f"memguard: mode {args.mode}" + (
-                " (an allocation that would cross the budget or the limit fails with MemoryError)"
-                if args.mode == "raise" else ""))
+            print(commands.set_mode(args.mode))
         elif args.command == "summary":
-            STATE.summary = args.state == "on"
-            print(f"memguard: summary {args.state}")
+            print(commands.set_summary(args.state == "on"))
         elif args.command == "history":
-            from IPython.display import display
-
-            display(guard.history_bundle(), raw=True)
+            display(render.history_bundle(commands.history()), raw=True)
         elif args.command == "report":
-            from IPython.display import display
-
-            display(guard.report_bundle(), raw=True)
+            found = commands.crash_report()
+            display(render.text_bundle(found) if isinstance(found, str)
+                    else render.crash_bundle(found), raw=True)
 
     def _cell(self, line, cell):
         args = _cell_parser().parse_args(_split(line, CELL_USAGE))
-        guard.set_cell_budget(_size(args.size))
+        cells.set_budget(_size(args.size))
         if args.raise_:
-            guard.set_cell_raise()
+            cells.set_raise()
         filename = _cell_filename(self.shell)
         running = STATE.current
         if not args.trace or running is None:
@@ -154,21 +144,15 @@ class MemguardMagics(Magics):
         try:
             return _run_body(self.shell, cell, filename)
         finally:
-            guard.drain()  # alerts still in flight get the traced top lines too
+            cells.drain()  # alerts still in flight get the traced top lines too
             running.trace.stop()
             running.trace = None
 
 
 def _cell_filename(shell):
-    """The filename object of the running cell's code (the outermost notebook frame), so
-    the body compiled here shares it and line attribution sees the body as the cell."""
-    frame = sys._getframe(1)
-    found = None
-    while frame is not None:
-        if frame.f_globals is shell.user_global_ns:
-            found = frame.f_code.co_filename
-        frame = frame.f_back
-    return found or "<memguard-cell>"
+    """The filename of the running cell's code (frames.cell_file), so the body compiled
+    here shares it and line attribution sees the body as the cell."""
+    return frames.cell_file(sys._getframe(1), shell.user_global_ns) or "<memguard-cell>"
 
 
 def _run_body(shell, body, filename):

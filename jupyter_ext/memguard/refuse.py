@@ -8,7 +8,7 @@ rewritten here, on the main thread, through IPython's ``set_custom_exc`` for
 ``MemoryError``: it names the budget (or the limit), the size asked, the shape and dtype
 NumPy reported, and the cell line. Other MemoryErrors are shown unchanged. A sparse
 conversion that would not fit raises the same kind of message *before* it allocates
-(``guard._on_densify``).
+(``records.on_densify``).
 """
 
 import builtins
@@ -16,6 +16,7 @@ import re
 import sys
 import traceback
 
+from . import coreview
 from ._state import STATE
 from .sizes import format_size
 
@@ -48,7 +49,7 @@ def install(shell):
     prev_types = tuple(getattr(shell, "custom_exceptions", ()) or ())
     prev_tb = getattr(shell, "CustomTB", None)
     STATE.saved_custom_exc = (prev_types, prev_tb)
-    STATE.refusals_seen = STATE.core.refusal()["count"]
+    STATE.refusals_seen = coreview.refusal(STATE.core).count
 
     def handler(self, etype, value, tb, tb_offset=None):
         if issubclass(etype, builtins.MemoryError):
@@ -89,44 +90,40 @@ def refusal_message(error):
     """The message for a MemoryError that memguard caused (a refusal not yet reported), or
     None for any other MemoryError. Also publishes nothing: the alert was already sent by
     the relay when the hook refused."""
-    ref = STATE.core.refusal()
-    if ref["count"] == STATE.refusals_seen:
+    ref = coreview.refusal(STATE.core)
+    if ref.count == STATE.refusals_seen:
         return None
-    STATE.refusals_seen = ref["count"]
+    STATE.refusals_seen = ref.count
     cell = STATE.current
-    what = f"an allocation of {format_size(ref['bytes'])}"
+    what = f"an allocation of {format_size(ref.bytes)}"
     found = _NUMPY_MSG.search(str(error))
     if found:
         what += f" for an array with shape {found.group(1)} and dtype {found.group(2)}"
-    where = f" at line {ref['line']}" if ref["line"] > 0 else ""
+    where = f" at line {ref.line}" if ref.line > 0 else ""
     if cell is not None and cell.count is not None:
         where += f" of cell {cell.count}"
-    snap = STATE.core.snapshot()
-    if ref["reason"] == STATE.core.REFUSE_BUDGET:
-        over = (f"would take this cell over its budget of {format_size(snap['budget'])} "
-                f"(it has used {format_size(max(0, snap['cell_usage']))})")
+    snap = coreview.snapshot(STATE.core)
+    if ref.reason == STATE.core.REFUSE_BUDGET:
+        over = (f"would take this cell over its budget of {format_size(snap.budget)} "
+                f"(it has used {format_size(max(0, snap.cell_usage))})")
         fix = ("free what you no longer need (del), work in chunks, or raise the budget "
                "(%memguard budget SIZE, or %%memguard SIZE for one cell)")
     else:
         limit = STATE.limit
         over = (f"would take the kernel over the machine's limit of {format_size(limit.bytes)} "
-                f"({limit.source}; {STATE.limit_measure} now {format_size(limit_used(snap))})")
+                f"({limit.source}; {STATE.limit_measure.label} now "
+                f"{format_size(snap.used(STATE.limit_measure))})")
         fix = "free memory (del), work in chunks, or use a machine with more memory"
     return (f"memguard (raise mode) refused {what}{where}: it {over}. Nothing was allocated "
             f"and the kernel is fine; {fix}.")
-
-
-def limit_used(snap):
-    """The figure the limit is compared with, in bytes, from a _core.snapshot()."""
-    return {"RSS": snap["rss"], "address space": snap["vm"],
-            "cgroup usage": snap["cgroup"]}.get(STATE.limit_measure, snap["rss"])
 
 
 def sparse_refusal(pred, budget, usage):
     """Raise MemoryError before a sparse matrix is densified, in raise mode, when the dense
     array (``pred`` from sparse.predict) would not fit in what is left of the budget or
     under the limit. ``budget``/``usage`` in bytes (budget 0 = none)."""
-    if not STATE.core.snapshot()["raise"]:
+    snap = coreview.snapshot(STATE.core)
+    if not snap.raising:
         return
     dense = pred["dense_bytes"]
     rows, cols = pred["shape"]
@@ -139,8 +136,7 @@ def sparse_refusal(pred, budget, usage):
             f"allocated; keep it sparse (X.mean(axis=0), X.sum(axis=1), X.multiply(Y), X @ Y) "
             f"or densify in row chunks.")
     limit = STATE.limit
-    snap = STATE.core.snapshot()
-    if limit is not None and limit_used(snap) + dense > limit.bytes:
+    if limit is not None and snap.used(STATE.limit_measure) + dense > limit.bytes:
         raise MemoryError(
             f"memguard (raise mode) stopped {what}: it would take the kernel over the machine's "
             f"limit of {format_size(limit.bytes)} ({limit.source}). Nothing was allocated; keep "

@@ -1,4 +1,6 @@
-"""Mime bundles for alerts and status: ``text/plain``, ``text/html`` and the alert JSON.
+"""Every MIME bundle memguard shows: alerts, the post-crash report, ``%memguard status`` and
+``history`` (``text/plain``, ``text/html`` and, for alerts, the alert JSON), and the text
+lines of the per-cell summary.
 
 Every figure is printed with its unit. ``text/plain`` is one line saying what happened where
 and one line of key figures (plus tracemalloc's lines for a ``--trace`` cell), for
@@ -12,6 +14,8 @@ and after ``jupyter nbconvert --to html``; no JavaScript, no IFrame, inline styl
 """
 
 import html
+import io
+import time
 
 from .sizes import format_blocks, format_size
 
@@ -75,9 +79,9 @@ def _pct(part, whole):
 
 
 def _measure(alert):
-    """The figure the limit applies to, as a label: ``RSS``, ``address space``, ..."""
-    measure = alert.get("measure") or "used"
-    return "RSS" if measure == "rss" else measure
+    """The figure the limit applies to, as a label: ``RSS``, ``address space``, ...
+    (limits.MEASURES), or ``used`` when the alert does not say."""
+    return alert.get("measure") or "used"
 
 
 def _limit_text(alert):
@@ -155,9 +159,15 @@ def text(alert):
 
 
 def _trace_lines(alert):
-    from .trace import format_top
-
-    return format_top(alert.get("trace") or [])
+    """Text lines for the alert's tracemalloc top lines (field ``trace``, a ``--trace``
+    cell): ``12.0 MB in 3 blocks: cell line 4 <- numpy/_core/numeric.py:213``."""
+    out = []
+    for row in alert.get("trace") or []:
+        frames = " <- ".join(
+            f"cell line {f['line']}" if f["cell"] else f"{f['file']}:{f['line']}"
+            for f in row["frames"][:4])
+        out.append(f"{format_size(row['bytes'])} in {format_blocks(row['count'])}: {frames}")
+    return out
 
 
 def split_message(message):
@@ -283,8 +293,8 @@ def _bar(alert):
 # --- the box ------------------------------------------------------------------------------
 
 def box_style(sev):
-    """The inline style of an alert box of severity ``'warn'`` or ``'error'`` (also used by
-    report.py for the post-crash report, so every memguard box looks alike)."""
+    """The inline style of an alert box of severity ``'warn'`` or ``'error'`` (the post-crash
+    report's box too, so every memguard box looks alike)."""
     return (f"box-sizing:border-box;max-width:60em;margin:4px 0;padding:6px 10px 8px 10px;"
             f"border:1px solid {_EDGE[sev]};border-left:4px solid {_ACCENT[sev]};"
             f"border-radius:4px;background:{_TINT[sev]};line-height:1.45")
@@ -352,9 +362,7 @@ def alert_bundle(alert):
     Rendering runs on the relay thread: a field missing from an alert must not stop the
     alert, so a failed rendering falls back to the message itself."""
     if alert["kind"] == "crash_report":
-        from . import report
-
-        return report.bundle(alert)
+        return crash_bundle(alert)
     try:
         plain = text(alert)
     except Exception:  # noqa: BLE001 - see the docstring
@@ -366,6 +374,98 @@ def alert_bundle(alert):
     return {"text/plain": plain, "text/html": rich, ALERT_MIME: alert}
 
 
+# --- the post-crash report ----------------------------------------------------------------
+
+def crash_text(alert):
+    """The post-crash report for a terminal: a few lines, units everywhere."""
+    out = [f"memguard post-crash report: {alert['message']}"]
+    for n, code, here in alert["source"]:
+        out.append(f"  {'->' if here else '  '} {n:4d} | {code}")
+    if alert["timeline"]:
+        first, last = alert["timeline"][0], alert["timeline"][-1]
+        out.append(f"  RSS went from {format_size(first[1])} to {format_size(last[1])} in the "
+                   f"last {-first[0]:.1f} s (peak {format_size(alert['peak'])})")
+    for site in alert["top_sites"]:
+        place = f"cell {site['cell']}" if site["cell"] is not None else "an earlier cell"
+        place += f", line {site['line']}" if site["line"] else ""
+        out.append(f"  held: {format_size(site['bytes'])} in {format_blocks(site['count'])} "
+                   f"({place})")
+    for a in alert["alerts"]:
+        out.append(f"  alert before the death: {a['kind']}: {a['message']}")
+    for s in alert["suggestions"]:
+        out.append(f"  to change: {s}")
+    return "\n".join(out)
+
+
+def _crash_svg(alert):
+    """The timeline as an inline SVG (matplotlib's Agg-free SVG backend), or ''."""
+    timeline = alert["timeline"]
+    if len(timeline) < 2:
+        return ""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    fig = Figure(figsize=(5.5, 1.8), dpi=72)
+    ax = fig.add_subplot()
+    t = [p[0] for p in timeline]
+    ax.plot(t, [p[1] / 1e9 for p in timeline], label="RSS")
+    ax.plot(t, [p[2] / 1e9 for p in timeline], label="tracked")
+    if alert.get("limit"):
+        ax.axhline(alert["limit"] / 1e9, color="red", linestyle="--", linewidth=1, label="limit")
+    ax.set_xlabel("seconds before the kernel died")
+    ax.set_ylabel("GB")
+    ax.legend(loc="upper left", fontsize=7, frameon=False)
+    fig.tight_layout()
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg")
+    svg = buf.getvalue()
+    return svg[svg.find("<svg"):]
+
+
+def crash_html(alert):
+    """The post-crash report as a self-contained HTML box (no JavaScript, no IFrame), with
+    the frame, heading and colours of the alert boxes, readable in light and dark themes."""
+    mark = "background:rgba(245, 124, 0, 0.30);font-weight:600;"
+    rows = "".join(
+        f"<div style='{mark if here else ''}'>{'&rarr;' if here else '&nbsp;'} {n:4d} | "
+        f"{html.escape(code)}</div>" for n, code, here in alert["source"])
+    if rows:
+        rows = (f"<div style='font-family:var(--jp-code-font-family, monospace);font-size:90%;"
+                f"white-space:pre;overflow-x:auto;margin:4px 0'>{rows}</div>")
+    sites = "".join(
+        f"<li>{html.escape(format_size(s['bytes']))} in {format_blocks(s['count'])} "
+        f"({html.escape('cell ' + str(s['cell']) if s['cell'] is not None else 'an earlier cell')}"
+        f"{', line ' + str(s['line']) if s['line'] else ''})</li>" for s in alert["top_sites"])
+    alerts = "".join(f"<li><b>{html.escape(a['kind'])}</b>: {html.escape(a['message'])}</li>"
+                     for a in alert["alerts"])
+    todo = "".join(f"<li>{html.escape(s)}</li>" for s in alert["suggestions"])
+    ul = "<ul style='margin:2px 0 4px 0;padding-left:1.5em'>"
+    head = "<div style='margin-top:4px;font-weight:600'>"
+    place = where(alert) if alert.get("cell") is not None else ""
+    return (
+        f'<div class="memguard-alert memguard-crash" role="alert" '
+        f'aria-label="memguard: the kernel died" style="{box_style("error")}">'
+        f'{heading("error", "the kernel died", place)}'
+        f"<div>{html.escape(alert['message'])}</div>"
+        f"{rows}{_crash_svg(alert)}"
+        + (f"{head}Memory still held when it died:</div>{ul}{sites}</ul>" if sites else "")
+        + (f"{head}Alerts before the death:</div>{ul}{alerts}</ul>" if alerts else "")
+        + f"{head}What to change:</div>{ul}{todo}</ul></div>"
+    )
+
+
+def crash_bundle(alert):
+    """The post-crash report's MIME bundle (the ``data`` of its IOPub message)."""
+    return {"text/plain": crash_text(alert), "text/html": crash_html(alert), ALERT_MIME: alert}
+
+
+def crash_age(alert):
+    """How long ago the kernel of a post-crash report died, as text."""
+    seconds = max(0.0, time.time() - alert.get("died", time.time()))
+    return f"{seconds / 60:.0f} min ago" if seconds >= 120 else f"{seconds:.0f} s ago"
+
+
+# --- %memguard status, history and summary ------------------------------------------------
+
 def status_bundle(rows):
     """``rows``: list of (label, value text). A two-column table and its plain text."""
     plain = "\n".join(f"{label:<18} {value}" for label, value in rows)
@@ -375,3 +475,55 @@ def status_bundle(rows):
         for label, value in rows
     )
     return {"text/plain": plain, "text/html": f"<table class='memguard-status'>{body}</table>"}
+
+
+def history_bundle(records):
+    """``%memguard history``: ``records`` (memguard.history()'s dicts) as a table
+    (text/plain via tabulate, text/html escaped), or one line when there is none."""
+    import tabulate
+
+    head = ["cell", "peak", "retained", "untracked", "seconds", "top site", "alerts"]
+    rows = [[rec["cell"] if rec["cell"] is not None else "-",
+             format_size(rec["peak"]),
+             format_size(rec["retained"]),
+             format_size(rec["untracked"]),
+             f"{rec['seconds']:.2f} s",
+             _top_site_text(rec["top_site"]) or "-",
+             ", ".join(rec["alerts"]) or "-"] for rec in records]
+    if not rows:
+        return text_bundle("memguard: no cell has finished since memguard was loaded")
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>"
+                   for row in rows)
+    head_html = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    return {
+        "text/plain": tabulate.tabulate(rows, headers=head, disable_numparse=True),
+        "text/html": f"<table class='memguard-history'><tr>{head_html}</tr>{body}</table>",
+    }
+
+
+def _top_site_text(top):
+    """``'line 3: 40 MB'`` for a record's ``top_site``, or '' when its line is unknown."""
+    if not top or top["line"] is None:
+        return ""
+    return f"line {top['line']}: {format_size(top['bytes'])}"
+
+
+def summary_line(rec):
+    """One line for ``%memguard summary on`` from a history record: units always shown,
+    growth signed."""
+    def signed(n):
+        return ("+" if n >= 0 else "") + format_size(n)
+
+    cell = f"cell {rec['cell']}" if rec["cell"] is not None else "cell"
+    top = ""
+    if rec["top_site"] and rec["top_site"]["line"] is not None:
+        top = (f", most retained by line {rec['top_site']['line']} "
+               f"({format_size(rec['top_site']['bytes'])})")
+    alerts = f", alerts: {', '.join(rec['alerts'])}" if rec["alerts"] else ""
+    return (f"memguard: {cell}: peak {format_size(rec['peak'])}, retained {signed(rec['retained'])}, "
+            f"untracked {signed(rec['untracked'])}, {rec['seconds']:.2f} s{top}{alerts}")
+
+
+def text_bundle(text_):
+    """A one-line message as a bundle (text/plain, and the same escaped as text/html)."""
+    return {"text/plain": text_, "text/html": html.escape(text_)}

@@ -1,17 +1,12 @@
 """The post-crash report: a black box whose kernel died, turned into a ``crash_report``
-alert (interface.md) with a text, an HTML rendering (timeline as inline SVG drawn by
-matplotlib) and a suggestion per detector that had fired.
+alert (docs/interface.md) with a suggestion per detector that had fired. render.py draws it
+(text, and HTML with the timeline as an inline SVG).
 
-Used by guard.py after a restart, by ``%memguard report``, and by
+Used by extension.py when memguard loads after a crash, by ``%memguard report``, and by
 ``python -m memguard report [FILE]`` in a terminal.
 """
 
-import html
-import io
-import time
-
-from .render import ALERT_MIME
-from .sizes import format_blocks, format_size
+from .sizes import format_size
 
 # What to change, per detector that fired before the death (the product's rules, README).
 SUGGESTIONS = {
@@ -106,93 +101,3 @@ def _timeline(box, points=120):
         picked.append(samples[-1])
     end = samples[-1][0]
     return [[round(t - end, 2), int(rss), int(tracked)] for t, rss, tracked, _e in picked]
-
-
-def text(alert):
-    """The report for a terminal: a few lines, units everywhere."""
-    out = [f"memguard post-crash report: {alert['message']}"]
-    for n, code, here in alert["source"]:
-        out.append(f"  {'->' if here else '  '} {n:4d} | {code}")
-    if alert["timeline"]:
-        first, last = alert["timeline"][0], alert["timeline"][-1]
-        out.append(f"  RSS went from {format_size(first[1])} to {format_size(last[1])} in the "
-                   f"last {-first[0]:.1f} s (peak {format_size(alert['peak'])})")
-    for site in alert["top_sites"]:
-        where = f"cell {site['cell']}" if site["cell"] is not None else "an earlier cell"
-        where += f", line {site['line']}" if site["line"] else ""
-        out.append(f"  held: {format_size(site['bytes'])} in {format_blocks(site['count'])} "
-                   f"({where})")
-    for a in alert["alerts"]:
-        out.append(f"  alert before the death: {a['kind']}: {a['message']}")
-    for s in alert["suggestions"]:
-        out.append(f"  to change: {s}")
-    return "\n".join(out)
-
-
-def _svg(alert):
-    """The timeline as an inline SVG (matplotlib's Agg-free SVG backend), or ''."""
-    timeline = alert["timeline"]
-    if len(timeline) < 2:
-        return ""
-    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
-
-    fig = Figure(figsize=(5.5, 1.8), dpi=72)
-    ax = fig.add_subplot()
-    t = [p[0] for p in timeline]
-    ax.plot(t, [p[1] / 1e9 for p in timeline], label="RSS")
-    ax.plot(t, [p[2] / 1e9 for p in timeline], label="tracked")
-    if alert.get("limit"):
-        ax.axhline(alert["limit"] / 1e9, color="red", linestyle="--", linewidth=1, label="limit")
-    ax.set_xlabel("seconds before the kernel died")
-    ax.set_ylabel("GB")
-    ax.legend(loc="upper left", fontsize=7, frameon=False)
-    fig.tight_layout()
-    buf = io.StringIO()
-    fig.savefig(buf, format="svg")
-    svg = buf.getvalue()
-    return svg[svg.find("<svg"):]
-
-
-def html_report(alert):
-    """A self-contained HTML box (no JavaScript, no IFrame), in the style of render.py's
-    alert boxes: the same frame, heading and colours, readable in light and dark themes."""
-    from . import render
-
-    mark = "background:rgba(245, 124, 0, 0.30);font-weight:600;"
-    rows = "".join(
-        f"<div style='{mark if here else ''}'>{'&rarr;' if here else '&nbsp;'} {n:4d} | "
-        f"{html.escape(code)}</div>" for n, code, here in alert["source"])
-    if rows:
-        rows = (f"<div style='font-family:var(--jp-code-font-family, monospace);font-size:90%;"
-                f"white-space:pre;overflow-x:auto;margin:4px 0'>{rows}</div>")
-    sites = "".join(
-        f"<li>{html.escape(format_size(s['bytes']))} in {format_blocks(s['count'])} "
-        f"({html.escape('cell ' + str(s['cell']) if s['cell'] is not None else 'an earlier cell')}"
-        f"{', line ' + str(s['line']) if s['line'] else ''})</li>" for s in alert["top_sites"])
-    alerts = "".join(f"<li><b>{html.escape(a['kind'])}</b>: {html.escape(a['message'])}</li>"
-                     for a in alert["alerts"])
-    todo = "".join(f"<li>{html.escape(s)}</li>" for s in alert["suggestions"])
-    ul = "<ul style='margin:2px 0 4px 0;padding-left:1.5em'>"
-    head = "<div style='margin-top:4px;font-weight:600'>"
-    place = render.where(alert) if alert.get("cell") is not None else ""
-    return (
-        f'<div class="memguard-alert memguard-crash" role="alert" '
-        f'aria-label="memguard: the kernel died" style="{render.box_style("error")}">'
-        f'{render.heading("error", "the kernel died", place)}'
-        f"<div>{html.escape(alert['message'])}</div>"
-        f"{rows}{_svg(alert)}"
-        + (f"{head}Memory still held when it died:</div>{ul}{sites}</ul>" if sites else "")
-        + (f"{head}Alerts before the death:</div>{ul}{alerts}</ul>" if alerts else "")
-        + f"{head}What to change:</div>{ul}{todo}</ul></div>"
-    )
-
-
-def bundle(alert):
-    """The ``data`` of the IOPub message."""
-    return {"text/plain": text(alert), "text/html": html_report(alert), ALERT_MIME: alert}
-
-
-def age(alert):
-    """How long ago the kernel died, as text."""
-    seconds = max(0.0, time.time() - alert.get("died", time.time()))
-    return f"{seconds / 60:.0f} min ago" if seconds >= 120 else f"{seconds:.0f} s ago"

@@ -21,9 +21,12 @@ NFRAMES = 10
 TOP = 5
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # memguard's own work while the cell runs (the relay thread building and sending alerts,
-# these snapshots) is not the cell's: leave it out of the top lines.
-_OWN = [tracemalloc.Filter(False, os.path.join(_HERE, name), all_frames=True)
-        for name in ("relay.py", "trace.py", "guard.py")] + [
+# these snapshots) is not the cell's: leave it out of the top lines. That is every module
+# of the package but magics.py, under which the cell's body runs, and sparse.py, whose
+# wrapped toarray allocates the cell's dense array: one pattern, "not starting with m or s"
+# (sizes.py only ever runs under another module), since each filter costs a pass over every
+# trace of every snapshot.
+_OWN = [tracemalloc.Filter(False, os.path.join(_HERE, "[!ms]*.py"), all_frames=True),
         tracemalloc.Filter(False, tracemalloc.__file__, all_frames=True)]
 
 
@@ -44,10 +47,15 @@ class CellTrace:
     def top(self, limit=TOP):
         """tracemalloc's largest live tracebacks allocated during the cell, as a list of
         ``{"bytes": int, "count": int, "frames": [{"file": str, "line": int, "cell": bool}]}``
-        (innermost frame first). Empty once stopped."""
-        if not self.active or not tracemalloc.is_tracing():
+        (innermost frame first). Empty once stopped, also when tracemalloc stops while it
+        runs: the snapshot is taken, not checked for first, so no alert is lost to a race."""
+        if not self.active:
             return []
-        snap = tracemalloc.take_snapshot().filter_traces(_OWN)
+        try:
+            snap = tracemalloc.take_snapshot()
+        except RuntimeError:  # "the tracemalloc module must be tracing memory ..."
+            return []
+        snap = snap.filter_traces(_OWN)
         if self._base is not None:
             stats = [s for s in snap.compare_to(self._base, "traceback") if s.size_diff > 0]
             stats.sort(key=lambda s: s.size_diff, reverse=True)
@@ -88,16 +96,3 @@ def _short(path):
             return "/".join(parts[parts.index(marker) + 1:])
     return "/".join(parts[-2:])
 
-
-def format_top(rows):
-    """Text lines for the alert's plain-text form: ``12.0 MB in 3 blocks: cell line 4 <-
-    numpy/_core/numeric.py:213``."""
-    from .sizes import format_blocks, format_size
-
-    out = []
-    for row in rows:
-        frames = " <- ".join(
-            f"cell line {f['line']}" if f["cell"] else f"{f['file']}:{f['line']}"
-            for f in row["frames"][:4])
-        out.append(f"{format_size(row['bytes'])} in {format_blocks(row['count'])}: {frames}")
-    return out
