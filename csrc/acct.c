@@ -1,27 +1,43 @@
 /* Owns the byte counters and the current cell's start/peak/budget (include/mg_acct.h).
  * Hooks of any thread update it; Python (GIL held) starts cells; the monitor reads it. */
+#include <sched.h>
 #include <stdatomic.h>
 
 #include "mg_acct.h"
 #include "mg_measures.h"
 
-/* Written by mg_acct_set_enabled (release); read by hooks (relaxed). */
+/* Written by mg_acct_set_enabled (release, any thread); read by hooks (relaxed): a hook
+ * that sees the old value counts or skips one more call, which is harmless. */
 static _Atomic int s_enabled = 0;
 /* Written by hooks (relaxed RMW); read by everyone (relaxed). Live bytes since install, per
  * allocator domain; the tracked total is their sum (tracked_sum), so a hook pays one atomic
  * read-modify-write per call, not two (bench/overhead.py, small_arrays). */
 static _Atomic int64_t s_domain[MG_DOMAIN_COUNT];
-/* Written by mg_acct_cell_begin (relaxed, GIL held); read by hooks and the monitor. */
-static _Atomic int64_t s_cell_start = 0;
+
+/* The cell protocol. A cell is (s_epoch, s_cell_start, s_budget), plus the reset of
+ * s_cell_peak. Its only writer is Python with the GIL held (mg_acct_cell_begin,
+ * mg_acct_set_budget; mg_acct_reset in tests, with no hook running), which writes inside
+ * the sequence lock s_cell_seq: seq made odd (relaxed store), release fence, the fields
+ * (relaxed stores), seq made even (release store). A reader loads seq (acquire), the
+ * fields it needs (relaxed), then an acquire fence and seq again (relaxed): the same even
+ * value twice means the fields belong to one cell (H.-J. Boehm, "Can seqlocks get along
+ * with programming language memory models?", MSPC 2012). A hook never waits for the
+ * writer: seeing a change under way, it skips the budget check for that one allocation and
+ * the next allocation checks it; mg_acct_snapshot (not a hook) tries again. A hook's only
+ * read-modify-write stays the one on s_domain: the seqlock adds two plain loads on x86.
+ * Outside the lock: s_cell_peak, raised by hooks (relaxed CAS, only while growing) and
+ * reset by the writer, read relaxed; s_crossed, the epoch of the last cell that crossed
+ * its budget (0 = none), which hooks and the monitor only raise (CAS, acq_rel), so a hook
+ * still finishing a check of an earlier cell can never mark the current one crossed, and
+ * which set_budget clears (0) to re-arm the crossing. */
+static _Atomic uint64_t s_cell_seq = 0;
 static _Atomic int64_t s_epoch = 0;
-/* Written by mg_acct_cell_begin/set_budget; read by hooks (relaxed). 0 = no budget. */
-static _Atomic int64_t s_budget = 0;
-/* Raised by hooks (CAS, relaxed); reset by mg_acct_cell_begin; read by the monitor. */
+static _Atomic int64_t s_cell_start = 0;
+static _Atomic int64_t s_budget = 0; /* 0 = no budget */
 static _Atomic int64_t s_cell_peak = 0;
-/* Set by the first hook that crosses the budget in a cell (exchange, acq_rel), so exactly
- * one allocation reports the crossing; cleared by cell_begin/set_budget. */
-static _Atomic int s_crossed = 0;
-/* Written by setters (relaxed, GIL held); read by hooks and the monitor (relaxed). */
+static _Atomic int64_t s_crossed = 0;
+/* Written by setters (relaxed, GIL held); read by hooks and the monitor (relaxed), each on
+ * its own: a hook racing a change uses the old or the new value of each. */
 static _Atomic int s_raise = 0;
 static _Atomic int64_t s_limit = 0;
 static _Atomic int s_limit_measure = MG_MEASURE_RSS;
@@ -56,11 +72,63 @@ static int64_t tracked_sum(void)
     return sum;
 }
 
+/* One cell as read under the protocol above. */
+typedef struct cell_view {
+    int64_t epoch;
+    int64_t start;
+    int64_t budget;
+} cell_view_t;
+
+/* One read of the running cell; returns 0 when a cell start or budget change overlapped
+ * it (then *v is not to be used). Hook-safe: never waits. */
+static int cell_read(cell_view_t *v)
+{
+    uint64_t seq = atomic_load_explicit(&s_cell_seq, memory_order_acquire);
+
+    v->epoch = atomic_load_explicit(&s_epoch, memory_order_relaxed);
+    v->start = atomic_load_explicit(&s_cell_start, memory_order_relaxed);
+    v->budget = atomic_load_explicit(&s_budget, memory_order_relaxed);
+    atomic_thread_fence(memory_order_acquire);
+    return (seq & 1u) == 0 && atomic_load_explicit(&s_cell_seq, memory_order_relaxed) == seq;
+}
+
+/* The writer's side: the caller holds the GIL, so writers never overlap. */
+static void cell_write_begin(void)
+{
+    uint64_t seq = atomic_load_explicit(&s_cell_seq, memory_order_relaxed);
+
+    atomic_store_explicit(&s_cell_seq, seq + 1, memory_order_relaxed);
+    atomic_thread_fence(memory_order_release);
+}
+
+static void cell_write_end(void)
+{
+    uint64_t seq = atomic_load_explicit(&s_cell_seq, memory_order_relaxed);
+
+    atomic_store_explicit(&s_cell_seq, seq + 1, memory_order_release);
+}
+
+/* Raise s_crossed to epoch; returns 1 if this call did (the cell had not crossed yet). */
+static int cross_epoch(int64_t epoch)
+{
+    int64_t seen = atomic_load_explicit(&s_crossed, memory_order_relaxed);
+
+    while (seen < epoch) {
+        if (atomic_compare_exchange_weak_explicit(&s_crossed, &seen, epoch,
+                                                  memory_order_acq_rel, memory_order_relaxed))
+            return 1;
+    }
+    return 0;
+}
+
 MG_HOOKSAFE int mg_acct_alloc(mg_domain_t d, size_t n)
 {
     int64_t now = (int64_t)n;
     int64_t peak;
+    uint64_t seq;
     int64_t budget;
+    int64_t start;
+    int64_t epoch;
 
     for (int i = 0; i < MG_DOMAIN_COUNT; i++) {
         if (i == (int)d)
@@ -74,12 +142,22 @@ MG_HOOKSAFE int mg_acct_alloc(mg_domain_t d, size_t n)
                                                   memory_order_relaxed, memory_order_relaxed)) {
         /* peak was reloaded by the failed CAS; retry while we are still higher */
     }
+    /* The cell protocol's read, inlined so the common case (no budget) stops after two
+     * loads. A budget of 0 read during a change only skips this one check. */
+    seq = atomic_load_explicit(&s_cell_seq, memory_order_acquire);
     budget = atomic_load_explicit(&s_budget, memory_order_relaxed);
-    if (budget <= 0 || now - atomic_load_explicit(&s_cell_start, memory_order_relaxed) <= budget)
+    if (budget <= 0)
         return 0;
-    if (atomic_load_explicit(&s_crossed, memory_order_relaxed))
+    start = atomic_load_explicit(&s_cell_start, memory_order_relaxed);
+    epoch = atomic_load_explicit(&s_epoch, memory_order_relaxed);
+    atomic_thread_fence(memory_order_acquire);
+    if ((seq & 1u) || atomic_load_explicit(&s_cell_seq, memory_order_relaxed) != seq)
+        return 0; /* a cell is starting: the next allocation checks */
+    if (now - start <= budget)
+        return 0;
+    if (atomic_load_explicit(&s_crossed, memory_order_relaxed) >= epoch)
         return 0; /* cheap early exit: the crossing was already reported this cell */
-    return atomic_exchange_explicit(&s_crossed, 1, memory_order_acq_rel) == 0;
+    return cross_epoch(epoch);
 }
 
 MG_HOOKSAFE void mg_acct_free(mg_domain_t d, size_t n)
@@ -89,7 +167,12 @@ MG_HOOKSAFE void mg_acct_free(mg_domain_t d, size_t n)
 
 MG_HOOKSAFE int64_t mg_acct_cell_usage(void)
 {
-    return tracked_sum() - atomic_load_explicit(&s_cell_start, memory_order_relaxed);
+    cell_view_t v;
+
+    /* A read overlapping a cell start gets that start, as loaded: the figure goes into an
+     * event or a refusal check only, where either cell's start is as good. */
+    (void)cell_read(&v);
+    return tracked_sum() - v.start;
 }
 
 MG_HOOKSAFE int64_t mg_acct_budget(void)
@@ -97,9 +180,9 @@ MG_HOOKSAFE int64_t mg_acct_budget(void)
     return atomic_load_explicit(&s_budget, memory_order_relaxed);
 }
 
-int mg_acct_cross(void)
+int mg_acct_cross(int64_t epoch)
 {
-    return atomic_exchange_explicit(&s_crossed, 1, memory_order_acq_rel) == 0;
+    return cross_epoch(epoch);
 }
 
 MG_HOOKSAFE int64_t mg_acct_epoch(void)
@@ -111,33 +194,40 @@ void mg_acct_cell_begin(int64_t epoch, int64_t budget)
 {
     int64_t now = tracked_sum();
 
-    /* Budget 0 first, so no hook compares a new start against the old cell's budget. */
-    atomic_store_explicit(&s_budget, 0, memory_order_relaxed);
+    cell_write_begin();
+    atomic_store_explicit(&s_epoch, epoch, memory_order_relaxed);
     atomic_store_explicit(&s_cell_start, now, memory_order_relaxed);
+    atomic_store_explicit(&s_budget, budget > 0 ? budget : 0, memory_order_relaxed);
     atomic_store_explicit(&s_cell_peak, now, memory_order_relaxed);
-    atomic_store_explicit(&s_crossed, 0, memory_order_relaxed);
-    atomic_store_explicit(&s_epoch, epoch, memory_order_release);
-    atomic_store_explicit(&s_budget, budget > 0 ? budget : 0, memory_order_release);
+    cell_write_end();
 }
 
 void mg_acct_set_budget(int64_t budget)
 {
+    cell_write_begin();
+    atomic_store_explicit(&s_budget, budget > 0 ? budget : 0, memory_order_relaxed);
     atomic_store_explicit(&s_crossed, 0, memory_order_relaxed);
-    atomic_store_explicit(&s_budget, budget > 0 ? budget : 0, memory_order_release);
+    cell_write_end();
 }
 
 void mg_acct_snapshot(mg_acct_snapshot_t *out)
 {
+    cell_view_t v;
+
     out->tracked = 0;
     for (int d = 0; d < MG_DOMAIN_COUNT; d++) {
         out->domain[d] = atomic_load_explicit(&s_domain[d], memory_order_relaxed);
         out->tracked += out->domain[d];
     }
-    out->cell_start = atomic_load_explicit(&s_cell_start, memory_order_relaxed);
+    /* Not a hook: wait out a cell start (the writer is a few stores long). */
+    while (!cell_read(&v))
+        sched_yield();
+    out->epoch = v.epoch;
+    out->cell_start = v.start;
+    out->budget = v.budget;
     out->cell_peak = atomic_load_explicit(&s_cell_peak, memory_order_relaxed);
-    out->budget = atomic_load_explicit(&s_budget, memory_order_relaxed);
-    out->epoch = atomic_load_explicit(&s_epoch, memory_order_acquire);
-    out->crossed = atomic_load_explicit(&s_crossed, memory_order_relaxed);
+    out->crossed = v.epoch > 0 &&
+                   atomic_load_explicit(&s_crossed, memory_order_relaxed) >= v.epoch;
 }
 
 void mg_acct_set_raise(int on)
@@ -166,11 +256,12 @@ void mg_acct_get_limit(int64_t *bytes, int *measure, double *fraction)
 
 MG_HOOKSAFE mg_refusal_t mg_acct_check_request(size_t n)
 {
-    int64_t budget = atomic_load_explicit(&s_budget, memory_order_relaxed);
+    cell_view_t v;
     int64_t limit = atomic_load_explicit(&s_limit, memory_order_relaxed);
 
-    if (budget > 0 && atomic_load_explicit(&s_raise, memory_order_relaxed) &&
-        mg_acct_cell_usage() + (int64_t)n > budget)
+    /* A read overlapping a cell start refuses nothing on the budget (never wrongly). */
+    if (atomic_load_explicit(&s_raise, memory_order_relaxed) && cell_read(&v) &&
+        v.budget > 0 && tracked_sum() - v.start + (int64_t)n > v.budget)
         return MG_REFUSE_BUDGET;
     if (limit > 0) {
         int m = atomic_load_explicit(&s_limit_measure, memory_order_relaxed);
@@ -206,9 +297,11 @@ void mg_acct_reset(void)
 {
     for (int d = 0; d < MG_DOMAIN_COUNT; d++)
         atomic_store(&s_domain[d], 0);
-    atomic_store(&s_cell_start, 0);
-    atomic_store(&s_cell_peak, 0);
-    atomic_store(&s_budget, 0);
-    atomic_store(&s_epoch, 0);
-    atomic_store(&s_crossed, 0);
+    cell_write_begin();
+    atomic_store_explicit(&s_cell_start, 0, memory_order_relaxed);
+    atomic_store_explicit(&s_cell_peak, 0, memory_order_relaxed);
+    atomic_store_explicit(&s_budget, 0, memory_order_relaxed);
+    atomic_store_explicit(&s_epoch, 0, memory_order_relaxed);
+    atomic_store_explicit(&s_crossed, 0, memory_order_relaxed);
+    cell_write_end();
 }

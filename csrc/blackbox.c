@@ -1,9 +1,12 @@
 /* Owns the black box file and its mapping (include/mg_blackbox.h): opened and closed by
- * Python (GIL held), the cell and alert regions written by Python, the state and timeline
- * written by the monitor thread. Only stores into the mapping after open. */
+ * Python (GIL held), the cell region written by Python, the alert region by Python and the
+ * monitor thread, the state and timeline by the monitor thread. Only stores into the
+ * mapping after open. */
 #include <errno.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <stddef.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <time.h>
@@ -12,6 +15,7 @@
 #include "mg_acct.h"
 #include "mg_blackbox.h"
 #include "mg_measures.h"
+#include "mg_monitor.h"
 #include "mg_sites.h"
 
 _Static_assert(sizeof(mg_bb_header_t) == 264, "header layout");
@@ -22,13 +26,47 @@ _Static_assert(sizeof(mg_bb_alert_t) == 40 + MG_BB_MESSAGE, "alert layout");
 _Static_assert(sizeof(mg_bb_sample_t) == 40, "sample layout");
 _Static_assert(sizeof(mg_bb_file_t) < (1u << 20), "the black box stays under 1 MiB");
 
-/* Written by open/close (GIL held, monitor stopped) and the fork child; read by the
- * monitor (acquire) and Python. */
+/* The mapping and who is using it. Every access to the mapping goes through bb_enter /
+ * bb_leave: bb_enter counts the caller in s_users, then loads s_box; mg_blackbox_close
+ * swaps s_box to NULL, then waits until s_users is 0 before it unmaps. Both pairs are
+ * seq_cst, so either the user's load sees NULL or the closer sees the user counted (a
+ * store-load pattern that acquire/release alone would not order). So the monitor thread
+ * may tick or write an alert at any moment, even while Python closes the box.
+ * s_box: written by open/close (GIL held) and the fork child; read by every writer.
+ * s_users: every writer (seq_cst RMW in, release RMW out); read by close (seq_cst). */
 static _Atomic(mg_bb_file_t *) s_box = NULL;
+static _Atomic unsigned s_users = 0;
+/* Written by open, read by close: both Python, GIL held. */
 static char s_path[4096];
-/* Monitor only. */
+/* The state copy counter and the RSS peak: written by open before it publishes s_box
+ * (release, ordered by the seq_cst load in bb_enter), then only by the monitor's tick. */
 static uint64_t s_state_seq = 0;
 static int64_t s_rss_peak = 0;
+/* The alert region has two writers, Python and the monitor thread: this flag serializes
+ * them around the region's seqlock (test-and-set acquire, clear release). Neither holds it
+ * while waiting for anything else, and the monitor never takes the GIL, so no deadlock. */
+static atomic_flag s_alerts_lock = ATOMIC_FLAG_INIT;
+/* The running cell's epoch and execution count, for the alerts the monitor writes: written
+ * by mg_blackbox_set_cell (GIL held; count relaxed, then epoch release); read by the
+ * monitor (epoch acquire, then count, then epoch again to check the pair). */
+static _Atomic int64_t s_cell_epoch = 0;
+static _Atomic int64_t s_cell_count = -1;
+
+static mg_bb_file_t *bb_enter(void)
+{
+    mg_bb_file_t *f;
+
+    atomic_fetch_add(&s_users, 1);
+    f = atomic_load(&s_box);
+    if (f == NULL)
+        atomic_fetch_sub_explicit(&s_users, 1, memory_order_release);
+    return f;
+}
+
+static void bb_leave(void)
+{
+    atomic_fetch_sub_explicit(&s_users, 1, memory_order_release);
+}
 
 static double bb_wall(void)
 {
@@ -81,7 +119,7 @@ int mg_blackbox_open(const char *path, const char *connection)
     strcpy(s_path, path);
     s_state_seq = 0;
     s_rss_peak = 0;
-    atomic_store_explicit(&s_box, f, memory_order_release);
+    atomic_store(&s_box, f);
     return MG_OK;
 
 error:
@@ -98,6 +136,10 @@ int mg_blackbox_close(int remove)
 
     if (f == NULL)
         return MG_OK;
+    /* A tick or an alert write that entered before the swap finishes first (a few
+     * microseconds); none can enter after it. */
+    while (atomic_load(&s_users) != 0)
+        sched_yield();
     munmap(f, sizeof(*f));
     if (remove)
         unlink(s_path);
@@ -125,9 +167,12 @@ static void bb_end(_Atomic uint64_t *seq)
 
 void mg_blackbox_set_cell(int64_t epoch, int64_t count, const char *source, size_t len)
 {
-    mg_bb_file_t *f = atomic_load_explicit(&s_box, memory_order_acquire);
+    mg_bb_file_t *f;
     mg_bb_cell_t *c;
 
+    atomic_store_explicit(&s_cell_count, count, memory_order_relaxed);
+    atomic_store_explicit(&s_cell_epoch, epoch, memory_order_release);
+    f = bb_enter();
     if (f == NULL)
         return;
     c = &f->cell;
@@ -145,35 +190,169 @@ void mg_blackbox_set_cell(int64_t epoch, int64_t count, const char *source, size
     c->cells[c->cells_next % MG_BB_CELLS].count = count;
     c->cells_next++;
     bb_end(&c->seq);
+    bb_leave();
+}
+
+/* Alerts of these kinds are one per (cell, line), as the Python side keys them; the
+ * others one per cell. */
+static int bb_kind_per_line(int kind)
+{
+    return kind == MG_BB_KIND_ACCUMULATION || kind == MG_BB_KIND_SPARSE;
+}
+
+/* Write an alert into the ring, or update the entry of the same alert (same epoch and
+ * kind, and line for per-line kinds) among those the ring still holds: the monitor's
+ * record and Python's later add of the same alert (or an update of it) make one entry.
+ * An update keeps the first time, takes the new bytes and message, and takes the line and
+ * count only when known (> 0, >= 0), so the monitor's unknown line never erases one Python
+ * gave. Any thread (not a hook). */
+static void bb_put_alert(mg_bb_file_t *f, int64_t epoch, int64_t count, int kind, int line,
+                         int64_t bytes, const char *message, size_t len)
+{
+    mg_bb_alerts_t *al = &f->alerts;
+    mg_bb_alert_t *a = NULL;
+    uint64_t held;
+
+    if (len >= MG_BB_MESSAGE)
+        len = MG_BB_MESSAGE - 1;
+    while (atomic_flag_test_and_set_explicit(&s_alerts_lock, memory_order_acquire))
+        sched_yield();
+    held = al->total < MG_BB_ALERTS ? al->total : MG_BB_ALERTS;
+    for (uint64_t i = 1; i <= held && a == NULL; i++) {
+        mg_bb_alert_t *old = &al->ring[(al->total - i) % MG_BB_ALERTS];
+
+        if (old->epoch == epoch && old->kind == kind &&
+            (!bb_kind_per_line(kind) || old->line == line))
+            a = old;
+    }
+    bb_begin(&al->seq);
+    if (a == NULL) {
+        a = &al->ring[al->total % MG_BB_ALERTS];
+        a->epoch = epoch;
+        a->count = count;
+        a->kind = kind;
+        a->line = line;
+        a->t = bb_wall();
+        al->total++;
+    }
+    if (count >= 0)
+        a->count = count;
+    if (line > 0)
+        a->line = line;
+    a->bytes = bytes;
+    memcpy(a->message, message, len);
+    memset(a->message + len, 0, MG_BB_MESSAGE - len);
+    bb_end(&al->seq);
+    atomic_flag_clear_explicit(&s_alerts_lock, memory_order_release);
 }
 
 void mg_blackbox_add_alert(int64_t epoch, int64_t count, int kind, int line, int64_t bytes,
                            const char *message, size_t len)
 {
-    mg_bb_file_t *f = atomic_load_explicit(&s_box, memory_order_acquire);
-    mg_bb_alert_t *a;
+    mg_bb_file_t *f = bb_enter();
 
     if (f == NULL)
         return;
-    bb_begin(&f->alerts.seq);
-    a = &f->alerts.ring[f->alerts.total % MG_BB_ALERTS];
-    a->epoch = epoch;
-    a->count = count;
-    a->kind = kind;
-    a->line = line;
-    a->bytes = bytes;
-    a->t = bb_wall();
-    if (len >= MG_BB_MESSAGE)
-        len = MG_BB_MESSAGE - 1;
-    memcpy(a->message, message, len);
-    memset(a->message + len, 0, MG_BB_MESSAGE - len);
-    f->alerts.total++;
-    bb_end(&f->alerts.seq);
+    bb_put_alert(f, epoch, count, kind, line, bytes, message, len);
+    bb_leave();
+}
+
+/* Decimal bytes for a message, as the Python side's format_size writes them (kB, MB, GB). */
+static void bb_size(char *out, size_t n, int64_t bytes)
+{
+    double b = (double)bytes;
+
+    if (b >= 1e9 || b <= -1e9)
+        snprintf(out, n, "%.2f GB", b / 1e9);
+    else if (b >= 1e6 || b <= -1e6)
+        snprintf(out, n, "%.1f MB", b / 1e6);
+    else
+        snprintf(out, n, "%.1f kB", b / 1e3);
+}
+
+/* The execution count of cell `epoch` if it is the running cell, else -1. */
+static int64_t bb_count_of(int64_t epoch)
+{
+    int64_t e = atomic_load_explicit(&s_cell_epoch, memory_order_acquire);
+    int64_t count = atomic_load_explicit(&s_cell_count, memory_order_relaxed);
+
+    atomic_thread_fence(memory_order_acquire);
+    if (e != epoch || atomic_load_explicit(&s_cell_epoch, memory_order_relaxed) != e)
+        return -1;
+    return count;
+}
+
+void mg_blackbox_monitor_alert(const mg_wire_t *w)
+{
+    char msg[MG_BB_MESSAGE];
+    char a[32];
+    char b[32];
+    int kind;
+    int64_t bytes;
+    int n;
+    mg_bb_file_t *f = bb_enter();
+
+    if (f == NULL)
+        return;
+    switch (w->kind) {
+    case MG_KIND_BUDGET:
+    case MG_KIND_BUDGET_GROW:
+        kind = MG_BB_KIND_BUDGET;
+        bytes = w->peak;
+        bb_size(a, sizeof(a), w->peak);
+        bb_size(b, sizeof(b), w->budget);
+        n = snprintf(msg, sizeof(msg), "the cell used %s, over its budget of %s", a, b);
+        break;
+    case MG_KIND_BUDGET_RSS:
+        kind = MG_BB_KIND_BUDGET;
+        bytes = w->peak;
+        bb_size(a, sizeof(a), w->usage);
+        bb_size(b, sizeof(b), w->budget);
+        n = snprintf(msg, sizeof(msg),
+                     "the cell's RSS grew by %s, over its budget of %s, mostly in memory no "
+                     "hook counted", a, b);
+        break;
+    case MG_KIND_REFUSED:
+        kind = w->count == MG_REFUSE_BUDGET ? MG_BB_KIND_BUDGET : MG_BB_KIND_LIMIT;
+        bytes = w->bytes;
+        bb_size(a, sizeof(a), w->bytes);
+        n = snprintf(msg, sizeof(msg), "an allocation of %s was refused: over the %s", a,
+                     w->count == MG_REFUSE_BUDGET ? "cell's budget" : "limit");
+        break;
+    case MG_KIND_LIMIT:
+        kind = MG_BB_KIND_LIMIT;
+        bytes = w->bytes;
+        bb_size(a, sizeof(a), w->bytes);
+        n = snprintf(msg, sizeof(msg), "memory in use (%s) passed the limit's alert fraction",
+                     a);
+        break;
+    case MG_KIND_LIMIT_REQUEST:
+        kind = MG_BB_KIND_LIMIT;
+        bytes = w->bytes;
+        bb_size(a, sizeof(a), w->bytes);
+        n = snprintf(msg, sizeof(msg),
+                     "one allocation of %s asked for more than is left under the limit", a);
+        break;
+    case MG_KIND_ACCUMULATION:
+    case MG_KIND_ACCUMULATION_GROW:
+        kind = MG_BB_KIND_ACCUMULATION;
+        bytes = w->bytes;
+        bb_size(a, sizeof(a), w->bytes);
+        n = snprintf(msg, sizeof(msg), "one line keeps %s alive in %u blocks", a,
+                     (unsigned)w->count);
+        break;
+    default:
+        bb_leave();
+        return;
+    }
+    bb_put_alert(f, w->epoch, bb_count_of(w->epoch), kind, w->line, bytes, msg,
+                 n < 0 ? 0 : (size_t)n);
+    bb_leave();
 }
 
 void mg_blackbox_tick(void)
 {
-    mg_bb_file_t *f = atomic_load_explicit(&s_box, memory_order_acquire);
+    mg_bb_file_t *f;
     mg_acct_snapshot_t a;
     mg_measures_snapshot_t r;
     mg_site_info_t sites[MG_BB_SITES];
@@ -186,6 +365,7 @@ void mg_blackbox_tick(void)
     int64_t limit;
     double now = bb_wall();
 
+    f = bb_enter();
     if (f == NULL)
         return;
     mg_acct_snapshot(&a);
@@ -234,6 +414,7 @@ void mg_blackbox_tick(void)
     sample->epoch = a.epoch;
     atomic_store_explicit(&sample->stamp, n + 1, memory_order_release);
     atomic_store_explicit(&f->samples_total, n + 1, memory_order_release);
+    bb_leave();
 }
 
 int mg_blackbox_layout(const char **names, int64_t *values, int max)
@@ -267,6 +448,10 @@ int mg_blackbox_layout(const char **names, int64_t *values, int max)
 void mg_blackbox_atfork_child(void)
 {
     /* The mapping is MAP_SHARED with the parent: drop it without unmapping or unlinking,
-     * so nothing in the child can write the parent's box. */
+     * so nothing in the child can write the parent's box. Only the forking thread exists
+     * in the child: a monitor that was inside the box at fork time left its count and
+     * maybe the alert lock behind, which nobody will release. */
     atomic_store(&s_box, NULL);
+    atomic_store(&s_users, 0);
+    atomic_flag_clear(&s_alerts_lock);
 }

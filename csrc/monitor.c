@@ -33,6 +33,9 @@ static _Atomic uint64_t s_dropped = 0;
 /* Ring events the thread has finished with (sent or dropped); written by the thread
  * (release), read by mg_monitor_pending. */
 static _Atomic uint64_t s_forwarded = 0;
+/* Polls made by the thread since mg_monitor_start: written by the thread (relaxed RMW) and
+ * zeroed by start before the thread exists; read by anyone (relaxed). */
+static _Atomic uint64_t s_polls = 0;
 
 /* The one place libzmq return codes are judged (pyzmq _check_rc). EAGAIN on a send means
  * the peer is absent or slow: drop the record and count it, never block. Returns 0 if the
@@ -46,8 +49,11 @@ static int mg_zmq_check(int rc)
     return -1;
 }
 
-static void relay_send(uint32_t kind, int64_t epoch, int32_t line, int64_t bytes,
-                       int64_t usage, int64_t count, double t)
+/* Make the record and send it. Every record of an alert kind is first written into the
+ * black box (mg_blackbox_monitor_alert), so the box holds it even if the kernel dies before
+ * Python sees it. */
+static void monitor_send(uint32_t kind, int64_t epoch, int32_t line, int64_t bytes,
+                         int64_t usage, int64_t count, double t)
 {
     mg_acct_snapshot_t snap;
     mg_wire_t w;
@@ -64,95 +70,168 @@ static void relay_send(uint32_t kind, int64_t epoch, int32_t line, int64_t bytes
     w.peak = snap.epoch == epoch ? snap.cell_peak - snap.cell_start : usage;
     w.budget = snap.budget;
     w.t = t;
+    mg_blackbox_monitor_alert(&w); /* no-op without an open box */
     if (mg_zmq_check(mg_zmq.send(s_sock, &w, sizeof(w), MG_ZMQ_DONTWAIT)) == 0)
         atomic_fetch_add_explicit(&s_sent, 1, memory_order_relaxed);
 }
 
-static void *relay_main(void *arg)
+/* What the monitor thread remembers between polls (its own stack: no other thread). */
+typedef struct monitor_state {
+    int64_t alerted_epoch; /* the cell whose budget alert was sent last (0 = none) */
+    int32_t alerted_line;  /* that alert's line */
+    int64_t last_usage;    /* the figure in the last budget record for alerted_epoch */
+    int by_rss;            /* that alert came from the RSS rule: follow RSS growth */
+    int64_t limit_epoch;   /* the cell that got the last limit record (-1 = none) */
+    int64_t limit_last;    /* the measure in that record, bytes */
+} monitor_state_t;
+
+/* Rule 1, ring forwarding: send every event the hooks pushed, and remember a budget
+ * alert so its growth can be followed. */
+static void monitor_forward_ring(monitor_state_t *st)
 {
-    struct timespec nap = {0, (long)s_period_ms * 1000000L};
-    int64_t alerted_epoch = 0; /* the cell whose budget alert was sent last */
-    int32_t alerted_line = -1;
-    int64_t last_usage = 0;    /* the figure in the last record for alerted_epoch */
-    int by_rss = 0;            /* that alert came from the RSS rule: follow RSS growth */
-    int64_t limit_epoch = -1;  /* the cell that got the last limit record */
-    int64_t limit_last = 0;    /* the measure in that record, bytes */
-    unsigned tick = 0;
+    mg_event_t ev;
+
+    while (mg_ring_pop(&ev) == 0) {
+        monitor_send(ev.kind, ev.epoch, ev.line, ev.bytes, ev.usage, ev.count, ev.t);
+        atomic_fetch_add_explicit(&s_forwarded, 1, memory_order_release);
+        if (ev.kind == MG_KIND_BUDGET) {
+            st->alerted_epoch = ev.epoch;
+            st->alerted_line = ev.line;
+            st->last_usage = ev.usage;
+            st->by_rss = 0;
+        }
+    }
+}
+
+/* Rule 2, the limit rule (after a fresh sample): once per cell when the limit's measure
+ * passes its alert fraction, then an update each time it grows by another MG_LIMIT_STEP of
+ * the limit. */
+static void monitor_limit_rule(monitor_state_t *st, const mg_acct_snapshot_t *snap)
+{
+    int64_t limit;
+    int measure;
+    double fraction;
+    int64_t used;
+
+    mg_acct_get_limit(&limit, &measure, &fraction);
+    if (limit <= 0)
+        return;
+    used = mg_measures_used((mg_measure_t)measure);
+    if ((double)used < (double)limit * fraction)
+        return;
+    if (st->limit_epoch == snap->epoch &&
+        (double)(used - st->limit_last) < (double)limit * MG_LIMIT_STEP)
+        return;
+    monitor_send(MG_KIND_LIMIT, snap->epoch, -1, used, used, measure, mg_ring_now());
+    st->limit_epoch = snap->epoch;
+    st->limit_last = used;
+}
+
+/* Rule 3, the RSS budget rule (after a fresh sample): a cell with a budget, not crossed
+ * yet, whose RSS grew by more than its budget crosses it on RSS (memory no hook counted).
+ * Returns 1 when it sent that record. */
+static int monitor_rss_budget_rule(monitor_state_t *st, const mg_acct_snapshot_t *snap)
+{
+    mg_measures_snapshot_t rss;
+    int64_t grown;
+    int64_t tracked;
+    int won;
+
+    if (snap->budget <= 0 || snap->crossed)
+        return 0;
+    mg_measures_snapshot(&rss);
+    /* cell_start is 0 until a cell began through mg_measures_cell_begin (C tests). */
+    if (rss.cell_start <= 0)
+        return 0;
+    grown = rss.last - rss.cell_start;
+    if (grown <= snap->budget)
+        return 0;
+    won = mg_acct_cross(snap->epoch); /* a hook may have crossed it meanwhile */
+    if (!won)
+        return 0;
+    tracked = snap->tracked - snap->cell_start;
+    monitor_send(MG_KIND_BUDGET_RSS, snap->epoch, -1, grown - tracked, grown, 0, mg_ring_now());
+    st->alerted_epoch = snap->epoch;
+    st->alerted_line = -1;
+    st->last_usage = grown;
+    st->by_rss = 1;
+    return 1;
+}
+
+/* Rule 4, growth updates: once the running cell's budget alert is out, a
+ * MG_KIND_BUDGET_GROW record each time its peak (RSS peak for an alert from the RSS rule)
+ * has grown by MG_GROW_STEP since the last record. */
+static void monitor_growth_updates(monitor_state_t *st, const mg_acct_snapshot_t *snap)
+{
+    int64_t now;
+
+    if (st->alerted_epoch == 0 || snap->epoch != st->alerted_epoch || !snap->crossed)
+        return;
+    if (st->by_rss) {
+        mg_measures_snapshot_t rss;
+
+        mg_measures_snapshot(&rss);
+        now = rss.cell_peak - rss.cell_start;
+    } else {
+        now = snap->cell_peak - snap->cell_start;
+    }
+    if ((double)now < (double)st->last_usage * (1.0 + MG_GROW_STEP))
+        return;
+    monitor_send(MG_KIND_BUDGET_GROW, st->alerted_epoch, st->alerted_line, 0, now, 0,
+                 mg_ring_now());
+    st->last_usage = now;
+}
+
+/* Sleep one period. nanosleep(2) fails with EINTR when a signal handler runs in this
+ * thread (a process-directed signal may be delivered to any thread): sleep what remains.
+ * Any other failure is EINVAL or EFAULT, which the timespec mg_monitor_start validated
+ * rules out; returns -1 then, so the caller stops rather than spins. */
+static int monitor_nap(const struct timespec *period)
+{
+    struct timespec left = *period;
+
+    while (nanosleep(&left, &left) != 0) {
+        if (errno != EINTR)
+            return -1;
+    }
+    return 0;
+}
+
+static void *monitor_main(void *arg)
+{
+    /* period_ms is 1-1000 (mg_monitor_start), so tv_nsec stays below 1e9. */
+    struct timespec period = {s_period_ms / 1000, (long)(s_period_ms % 1000) * 1000000L};
+    monitor_state_t st = {0, -1, 0, 0, -1, 0};
     unsigned bb_every = MG_BB_SAMPLE_MS / (unsigned)s_period_ms;
+    unsigned tick = 0;
 
     (void)arg;
+    if (bb_every == 0)
+        bb_every = 1;
     while (!atomic_load_explicit(&s_stop, memory_order_acquire)) {
-        mg_event_t ev;
         mg_acct_snapshot_t snap;
+        int rss_crossed = 0;
 
-        while (mg_ring_pop(&ev) == 0) {
-            relay_send(ev.kind, ev.epoch, ev.line, ev.bytes, ev.usage, ev.count, ev.t);
-            atomic_fetch_add_explicit(&s_forwarded, 1, memory_order_release);
-            if (ev.kind == MG_KIND_BUDGET) {
-                alerted_epoch = ev.epoch;
-                alerted_line = ev.line;
-                last_usage = ev.usage;
-                by_rss = 0;
-            }
-        }
+        monitor_forward_ring(&st);
         mg_acct_snapshot(&snap);
-        if (tick % (bb_every ? bb_every : 1) == 0)
+        /* Rule 5, the black-box tick: state and one timeline sample every MG_BB_SAMPLE_MS. */
+        if (tick % bb_every == 0)
             mg_blackbox_tick(); /* no-op without an open box */
-        if (tick % MG_RSS_EVERY == 0 && mg_measures_sample() >= 0) {
-            int64_t limit;
-            int measure;
-            double fraction;
-            int64_t used;
+        if (tick % MG_RSS_EVERY == 0) {
+            int64_t sampled = mg_measures_sample();
 
-            mg_acct_get_limit(&limit, &measure, &fraction);
-            used = mg_measures_used((mg_measure_t)measure);
-            /* The limit rule: once per cell when the measure passes the fraction, then an
-             * update each time it grows by another MG_LIMIT_STEP of the limit. */
-            if (limit > 0 && (double)used >= (double)limit * fraction &&
-                (limit_epoch != snap.epoch ||
-                 (double)(used - limit_last) >= (double)limit * MG_LIMIT_STEP)) {
-                relay_send(MG_KIND_LIMIT, snap.epoch, -1, used, used, measure, mg_ring_now());
-                limit_epoch = snap.epoch;
-                limit_last = used;
-            }
+            if (sampled >= 0)
+                monitor_limit_rule(&st, &snap);
+            rss_crossed = monitor_rss_budget_rule(&st, &snap);
         }
-        if (tick++ % MG_RSS_EVERY == 0 && snap.budget > 0 && !snap.crossed) {
-            mg_measures_snapshot_t rss;
-            int64_t grown;
-
-            mg_measures_snapshot(&rss);
-            grown = rss.last - rss.cell_start;
-            /* cell_start is 0 until a cell began through mg_measures_cell_begin (C tests). */
-            if (rss.cell_start > 0 && grown > snap.budget && mg_acct_cross()) {
-                int64_t tracked = snap.tracked - snap.cell_start;
-
-                relay_send(MG_KIND_BUDGET_RSS, snap.epoch, -1, grown - tracked, grown, 0,
-                           mg_ring_now());
-                alerted_epoch = snap.epoch;
-                alerted_line = -1;
-                last_usage = grown;
-                by_rss = 1;
-                continue;
-            }
-        }
-        if (alerted_epoch != 0 && snap.epoch == alerted_epoch && snap.crossed) {
-            int64_t now;
-
-            if (by_rss) {
-                mg_measures_snapshot_t rss;
-
-                mg_measures_snapshot(&rss);
-                now = rss.cell_peak - rss.cell_start;
-            } else {
-                now = snap.cell_peak - snap.cell_start;
-            }
-            if ((double)now >= (double)last_usage * (1.0 + MG_GROW_STEP)) {
-                relay_send(MG_KIND_BUDGET_GROW, alerted_epoch, alerted_line, 0, now, 0,
-                           mg_ring_now());
-                last_usage = now;
-            }
-        }
-        nanosleep(&nap, NULL);
+        /* A crossing on RSS this poll is the alert itself: its growth is followed from the
+         * next poll on. */
+        if (!rss_crossed)
+            monitor_growth_updates(&st, &snap);
+        tick++;
+        atomic_fetch_add_explicit(&s_polls, 1, memory_order_relaxed);
+        if (monitor_nap(&period) < 0)
+            break;
     }
     return NULL;
 }
@@ -187,8 +266,9 @@ int mg_monitor_start(const char *endpoint, int period_ms, void *ctx)
         mg_zmq.connect(s_sock, endpoint) < 0)
         goto error;
     s_period_ms = period_ms;
+    atomic_store_explicit(&s_polls, 0, memory_order_relaxed);
     atomic_store_explicit(&s_stop, 0, memory_order_release);
-    rc = pthread_create(&s_thread, NULL, relay_main, NULL);
+    rc = pthread_create(&s_thread, NULL, monitor_main, NULL);
     if (rc != 0) {
         errno = rc;
         goto error;
@@ -230,6 +310,11 @@ int mg_monitor_running(void)
     return atomic_load_explicit(&s_running, memory_order_acquire);
 }
 
+uint64_t mg_monitor_polls(void)
+{
+    return atomic_load_explicit(&s_polls, memory_order_relaxed);
+}
+
 uint64_t mg_monitor_sent(void)
 {
     return atomic_load_explicit(&s_sent, memory_order_relaxed);
@@ -251,7 +336,7 @@ uint64_t mg_monitor_dropped(void)
 /* In the child of fork() only the forking thread exists. The monitor thread is gone and
  * its zmq context belongs to the parent's I/O threads, so the child stops counting and
  * forgets the state without closing anything (memray Tracker::childFork). */
-static void relay_atfork_child(void)
+static void monitor_atfork_child(void)
 {
     mg_acct_set_enabled(0);
     mg_measures_atfork_child();
@@ -268,5 +353,5 @@ int mg_monitor_atfork_register(void)
     if (registered)
         return 0;
     registered = 1;
-    return pthread_atfork(NULL, NULL, relay_atfork_child);
+    return pthread_atfork(NULL, NULL, monitor_atfork_child);
 }

@@ -8,9 +8,10 @@
 
 #include "memguard.h"
 
-/* A consistent-enough copy of the counters, for status and the monitor thread. Fields are
- * read one by one with relaxed loads, so two fields may come from instants a few
- * instructions apart; every figure is in bytes except epoch. */
+/* A copy of the counters, for status and the monitor thread. epoch, cell_start and budget
+ * are one cell's (read under the cell protocol, csrc/acct.c); the byte counters and the
+ * peak are read one by one (relaxed), so they may come from instants a few instructions
+ * apart. Every figure is in bytes except epoch. */
 typedef struct mg_acct_snapshot {
     int64_t tracked;                     /* live tracked bytes since install (may be < 0) */
     int64_t domain[MG_DOMAIN_COUNT];     /* the same, per allocator domain */
@@ -42,17 +43,17 @@ MG_HOOKSAFE int64_t mg_acct_cell_usage(void);
 /* The current cell's budget in bytes (0 = none). Hook-safe. */
 MG_HOOKSAFE int64_t mg_acct_budget(void);
 
-/* Mark the current cell's budget as crossed on behalf of a rule outside the hooks (the
- * monitor's RSS rule). Returns 1 if this call set it, 0 if it was already crossed. Any
- * thread. */
-int mg_acct_cross(void);
+/* Mark cell `epoch`'s budget as crossed on behalf of a rule outside the hooks (the
+ * monitor's RSS rule). Returns 1 if this call set it, 0 if that cell (or a later one)
+ * already crossed. Any thread. */
+int mg_acct_cross(int64_t epoch);
 
 /* The current cell's epoch. Hook-safe. */
 MG_HOOKSAFE int64_t mg_acct_epoch(void);
 
 /* Start a cell: epoch (> 0, increasing), budget in bytes (0 = none). Resets start and peak
- * to the current tracked bytes and clears the crossing. Called with the GIL held, from
- * pre_run_cell; hooks of other threads may run concurrently. */
+ * to the current tracked bytes; the new epoch has not crossed. Called with the GIL held,
+ * from pre_run_cell; hooks of other threads may run concurrently. */
 void mg_acct_cell_begin(int64_t epoch, int64_t budget);
 
 /* Change the running cell's budget (bytes, 0 = none) and clear its crossing, so a budget

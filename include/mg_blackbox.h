@@ -1,7 +1,7 @@
 /* The black box (csrc/blackbox.c): a small fixed-layout file per kernel, memory-mapped
- * MAP_SHARED, that the monitor thread keeps current (state, timeline) and Python fills at
- * cell start (source) and on alerts, with plain stores into the mapping: no system call
- * per allocation, nothing needing the GIL. It survives SIGKILL (the page cache holds it);
+ * MAP_SHARED, that the monitor thread keeps current (state, timeline, alerts as it sends
+ * them) and Python fills at cell start (source) and on alerts (their full message), with
+ * plain stores into the mapping: no system call per allocation, nothing needing the GIL. It survives SIGKILL (the page cache holds it);
  * a clean shutdown removes it. Read back by jupyter_ext/memguard/blackbox.py.
  *
  * Torn writes: every region has a sequence counter, odd while its writer is inside
@@ -15,6 +15,7 @@
 #include <stdint.h>
 
 #include "memguard.h"
+#include "mg_monitor.h"
 
 #define MG_BB_MAGIC "MGBLKBOX"   /* 8 bytes, no terminator */
 #define MG_BB_LAYOUT 1u          /* bump on any change below; readers reject newer ones */
@@ -25,6 +26,16 @@
 #define MG_BB_MESSAGE 200u       /* bytes of each alert's message kept */
 #define MG_BB_SAMPLES 2048u      /* timeline ring: 2048 x 100 ms = 3.4 minutes */
 #define MG_BB_SAMPLE_MS 100u     /* timeline period, milliseconds */
+
+/* mg_bb_alert_t.kind: the index into jupyter_ext/memguard/blackbox.py's KINDS, which names
+ * them; the Python alert kind each wire record (mg_kind_t) becomes. */
+typedef enum mg_bb_kind {
+    MG_BB_KIND_BUDGET = 0,       /* MG_KIND_BUDGET, _BUDGET_GROW, _BUDGET_RSS; a budget refusal */
+    MG_BB_KIND_LIMIT = 1,        /* MG_KIND_LIMIT, _LIMIT_REQUEST; a limit refusal */
+    MG_BB_KIND_SPARSE = 2,       /* sparse_to_dense (Python only) */
+    MG_BB_KIND_ACCUMULATION = 3, /* MG_KIND_ACCUMULATION, _ACCUMULATION_GROW */
+    MG_BB_KIND_CRASH_REPORT = 4, /* crash_report (Python only) */
+} mg_bb_kind_t;
 
 typedef struct mg_bb_header {
     char magic[8];          /* MG_BB_MAGIC */
@@ -99,7 +110,8 @@ typedef struct mg_bb_alert {
     char message[MG_BB_MESSAGE]; /* UTF-8, NUL-padded, maybe cut */
 } mg_bb_alert_t;
 
-/* Alerts, written by the relay thread (GIL held). */
+/* Alerts, written by the monitor thread (each record it sends) and by Python (the relay
+ * thread, GIL held, with the full message), one writer at a time. */
 typedef struct mg_bb_alerts {
     _Atomic uint64_t seq;   /* odd while written */
     uint64_t total;         /* alerts written so far; the ring holds the last MG_BB_ALERTS */
@@ -130,7 +142,9 @@ typedef struct mg_bb_file {
 int mg_blackbox_open(const char *path, const char *connection);
 
 /* Unmap the box; with remove != 0 also unlink it (a clean shutdown). Returns 0 (also when
- * none is open). Call only while the monitor thread is stopped. */
+ * none is open). Safe while the monitor thread runs: a tick or alert write in progress
+ * finishes before the unmap (close waits for it, microseconds), and later ones find no
+ * box. GIL held. */
 int mg_blackbox_close(int remove);
 
 /* Non-zero while a box is open. */
@@ -140,9 +154,20 @@ int mg_blackbox_is_open(void);
  * MG_BB_SOURCE_MAX bytes). GIL held. No effect without an open box. */
 void mg_blackbox_set_cell(int64_t epoch, int64_t count, const char *source, size_t len);
 
-/* Append an alert (kind: a small number the Python side maps to a name). GIL held. */
+/* Append an alert (kind: mg_bb_kind_t), or update the entry of the same alert if the ring
+ * still holds it: same epoch and kind, and the same line for accumulation and
+ * sparse_to_dense (the Python side's keys). An update keeps the entry's time and takes the
+ * new bytes and message, and the line and count when known (line > 0, count >= 0). GIL
+ * held (Python's relay thread). No effect without an open box. */
 void mg_blackbox_add_alert(int64_t epoch, int64_t count, int kind, int line, int64_t bytes,
                            const char *message, size_t len);
+
+/* The monitor thread, for each record it sends: the same as mg_blackbox_add_alert with the
+ * kind, line, bytes and a short message made from the record, and the execution count of
+ * the record's cell when it is the running one (-1 otherwise). So the box holds the alert
+ * even if the kernel dies before Python sees the record (e.g. C code holding the GIL).
+ * Records of no alert kind are ignored. No effect without an open box. */
+void mg_blackbox_monitor_alert(const mg_wire_t *w);
 
 /* Write the state and one timeline sample (the monitor thread, every MG_BB_SAMPLE_MS). */
 void mg_blackbox_tick(void);

@@ -70,6 +70,10 @@ int mg_monitor_running(void);
  * mg_ring_reset, which the module does once. Any thread. */
 uint64_t mg_monitor_pending(void);
 
+/* Polls the monitor thread has made since it started (each: forward the ring, apply the
+ * rules, then sleep one period). Any thread. */
+uint64_t mg_monitor_polls(void);
+
 /* Records sent, and records dropped because the peer was absent or slow (EAGAIN). */
 uint64_t mg_monitor_sent(void);
 uint64_t mg_monitor_dropped(void);

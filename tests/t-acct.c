@@ -1,6 +1,8 @@
 /* Tests of csrc/acct.c: counters, cell start/peak, the one-time budget crossing, and
  * concurrent updates from several threads. */
 #include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 
 #include "mg_acct.h"
 #include "mg_measures.h"
@@ -136,9 +138,61 @@ static void t_threads_return_to_zero(void)
     check_int(s.cell_peak, <=, THREADS * 70);
 }
 
+static atomic_int s_hook_stop;
+static atomic_uint s_hook_calls;
+
+static void *hook_loop(void *arg)
+{
+    (void)arg;
+    while (!atomic_load_explicit(&s_hook_stop, memory_order_relaxed)) {
+        mg_acct_alloc(MG_DOMAIN_NUMPY, 4096);
+        mg_acct_free(MG_DOMAIN_NUMPY, 4096);
+        atomic_fetch_add_explicit(&s_hook_calls, 1, memory_order_relaxed);
+    }
+    return NULL;
+}
+
+/* Cells alternate between a budget of 1 byte (every allocation crosses it) and one no
+ * allocation can cross, while another thread allocates: a hook that checked the 1-byte
+ * cell (or mixed its budget with the next cell's start) just before a cell start must not
+ * mark the next cell crossed. Each cell lasts a few of the other thread's allocations. */
+static void t_a_cell_start_never_inherits_a_crossing(void)
+{
+    pthread_t th;
+    int wrongly_crossed = 0;
+    int crossed_tiny = 0;
+
+    mg_acct_reset();
+    atomic_store(&s_hook_stop, 0);
+    check_int(pthread_create(&th, NULL, hook_loop, NULL), ==, 0);
+    for (int64_t i = 1; i <= 10000; i++) {
+        mg_acct_snapshot_t s;
+        unsigned from;
+
+        mg_acct_cell_begin(2 * i - 1, 1);
+        from = atomic_load(&s_hook_calls);
+        while (atomic_load(&s_hook_calls) - from < 2)
+            sched_yield();
+        mg_acct_snapshot(&s);
+        crossed_tiny += s.crossed;
+        mg_acct_cell_begin(2 * i, (int64_t)1 << 40);
+        from = atomic_load(&s_hook_calls);
+        while (atomic_load(&s_hook_calls) - from < 2)
+            sched_yield();
+        mg_acct_snapshot(&s);
+        wrongly_crossed += s.crossed;
+    }
+    atomic_store(&s_hook_stop, 1);
+    pthread_join(th, NULL);
+    check_int(wrongly_crossed, ==, 0);
+    /* Not every tiny cell crosses: one that starts between the other thread's alloc and
+     * free measures from the 4096 bytes then held, and the next alloc only returns to it. */
+    check_int(crossed_tiny, >, 0);
+}
+
 int main(void)
 {
-    plan(7);
+    plan(8);
     TEST(t_alloc_and_free_balance(), "alloc and free update the total and per-domain counters");
     TEST(t_cell_usage_is_relative_to_start(), "a cell's usage and peak are measured from its start");
     TEST(t_budget_crossing_reported_once(), "only the first allocation over the budget reports the crossing");
@@ -146,5 +200,7 @@ int main(void)
     TEST(t_no_budget_never_crosses(), "with no budget nothing ever crosses");
     TEST(t_requests_are_refused_only_in_raise_mode_or_past_the_limit(), "raise mode refuses past the budget, the limit is judged in every mode, refusals are recorded");
     TEST(t_threads_return_to_zero(), "8 threads allocating and freeing leave the counters at zero");
+    TEST(t_a_cell_start_never_inherits_a_crossing(),
+         "a hook racing a cell start never marks the new cell crossed with the old cell's budget");
     return test_done();
 }

@@ -1,9 +1,14 @@
 /* Tests of csrc/monitor.c over real ZeroMQ sockets: a PULL socket bound to an ipc://
  * endpoint receives what the monitor thread sends; errors; fork leaves the child quiet. */
+#include <dirent.h>
 #include <errno.h>
+#include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 #include <zmq.h>
 
@@ -24,13 +29,36 @@ static int recv_wire(mg_wire_t *w, int timeout_ms)
     return zmq_recv(s_pull, w, sizeof(*w), 0);
 }
 
-static void t_budget_event_arrives_as_a_record(void)
+/* What every test starts from, whatever the one before it left: no monitor, zeroed
+ * counters and ring, no limit, counting off, and no record waiting on the PULL socket. */
+static void fresh(void)
 {
-    mg_event_t ev;
     mg_wire_t w;
 
+    mg_monitor_stop();
+    mg_acct_set_enabled(0);
     mg_acct_reset();
     mg_ring_reset();
+    mg_acct_set_limit(0, MG_MEASURE_RSS, 0.9);
+    while (recv_wire(&w, 0) >= 0) {
+        /* a record a previous test did not read */
+    }
+}
+
+static double now_s(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* The budget event of cell 42 (line 3, 1500 bytes over a budget of 1000), pushed to the
+ * ring, and the monitor started: the first record on the socket is its budget record. */
+static void start_with_budget_event(void)
+{
+    mg_event_t ev;
+
     mg_acct_cell_begin(42, 1000);
     mg_acct_alloc(MG_DOMAIN_NUMPY, 1500);
     memset(&ev, 0, sizeof(ev));
@@ -42,6 +70,14 @@ static void t_budget_event_arrives_as_a_record(void)
     ev.t = mg_ring_now();
     check_int(mg_ring_push(&ev), ==, 0);
     check_int(mg_monitor_start(s_endpoint, 1, NULL), ==, 0);
+}
+
+static void t_budget_event_arrives_as_a_record(void)
+{
+    mg_wire_t w;
+
+    fresh();
+    start_with_budget_event();
     check_int(recv_wire(&w, 2000), ==, (int)sizeof(w));
     check_uint(w.version, ==, MG_WIRE_VERSION);
     check_uint(w.kind, ==, MG_KIND_BUDGET);
@@ -50,13 +86,19 @@ static void t_budget_event_arrives_as_a_record(void)
     check_int(w.bytes, ==, 1500);
     check_int(w.budget, ==, 1000);
     check_int(w.peak, ==, 1500);
+    check_int(mg_monitor_stop(), ==, 0);
 }
 
 static void t_peak_growth_sends_an_update(void)
 {
     mg_wire_t w;
+    uint64_t sent0;
 
-    /* The relay is still running from the previous test, with epoch 42 alerted. */
+    fresh();
+    sent0 = mg_monitor_sent(); /* counts over the process's life */
+    start_with_budget_event();
+    check_int(recv_wire(&w, 2000), ==, (int)sizeof(w));
+    check_uint(w.kind, ==, MG_KIND_BUDGET); /* epoch 42 is alerted */
     mg_acct_alloc(MG_DOMAIN_NUMPY, 1000); /* usage 2500: +67% > MG_GROW_STEP */
     check_int(recv_wire(&w, 2000), ==, (int)sizeof(w));
     check_uint(w.kind, ==, MG_KIND_BUDGET_GROW);
@@ -64,21 +106,28 @@ static void t_peak_growth_sends_an_update(void)
     check_int(w.line, ==, 3);
     check_int(w.usage, ==, 2500);
     /* The monitor counts a send after zmq_send returns, which may be after we received. */
-    for (int i = 0; i < 1000 && mg_monitor_sent() < 2; i++)
+    for (int i = 0; i < 1000 && mg_monitor_sent() < sent0 + 2; i++)
         usleep(1000);
-    check_uint(mg_monitor_sent(), ==, 2);
+    check_uint(mg_monitor_sent(), ==, sent0 + 2);
+    check_int(mg_monitor_stop(), ==, 0);
 }
 
 static void t_second_start_says_ealready(void)
 {
+    fresh();
+    check_int(mg_monitor_start(s_endpoint, 1, NULL), ==, 0);
     errno = 0;
     check_int(mg_monitor_start(s_endpoint, 1, NULL), ==, -1);
     check_int(errno, ==, EALREADY);
     check_int(mg_monitor_running(), ==, 1);
+    check_int(mg_monitor_stop(), ==, 0);
 }
 
 static void t_stop_joins_and_is_idempotent(void)
 {
+    fresh();
+    check_int(mg_monitor_start(s_endpoint, 1, NULL), ==, 0);
+    check_int(mg_monitor_running(), ==, 1);
     check_int(mg_monitor_stop(), ==, 0);
     check_int(mg_monitor_running(), ==, 0);
     check_int(mg_monitor_stop(), ==, 0);
@@ -86,8 +135,12 @@ static void t_stop_joins_and_is_idempotent(void)
 
 static void t_bad_period_and_endpoint_fail_cleanly(void)
 {
+    fresh();
     errno = 0;
     check_int(mg_monitor_start(s_endpoint, 0, NULL), ==, -1);
+    check_int(errno, ==, EINVAL);
+    errno = 0;
+    check_int(mg_monitor_start(s_endpoint, 1001, NULL), ==, -1);
     check_int(errno, ==, EINVAL);
     check_int(mg_monitor_start("nonsense://x", 5, NULL), ==, -1);
     check_int(mg_monitor_running(), ==, 0);
@@ -101,8 +154,7 @@ static void t_forked_child_is_quiet(void)
     char verdict = 'x';
     mg_wire_t w;
 
-    mg_acct_reset();
-    mg_ring_reset();
+    fresh();
     mg_acct_set_enabled(1);
     check_int(pipe(fds), ==, 0);
     check_int(mg_monitor_start(s_endpoint, 1, NULL), ==, 0);
@@ -132,6 +184,7 @@ static void t_forked_child_is_quiet(void)
     /* The child's push went to its own copy of the ring; nothing reaches the parent's peer. */
     check_int(recv_wire(&w, 200), ==, -1);
     check_int(mg_monitor_stop(), ==, 0);
+    mg_acct_set_enabled(0);
 }
 
 static void t_limit_and_rss_budget_records(void)
@@ -141,8 +194,7 @@ static void t_limit_and_rss_budget_records(void)
     int got_limit = 0;
     int got_rss = 0;
 
-    mg_acct_reset();
-    mg_ring_reset();
+    fresh();
     mg_measures_cell_begin();
     mg_acct_cell_begin(7, 4096); /* tiny budget: RSS growth of one page-in crosses it */
     /* A limit already half used: the monitor's first sample passes a 0.5 fraction. */
@@ -183,10 +235,9 @@ static void t_lent_context_reaches_inproc_peer(void)
     mg_wire_t w;
     int linger = 0;
 
+    fresh();
     zmq_setsockopt(pull, ZMQ_LINGER, &linger, sizeof(linger));
     check_int(zmq_bind(pull, "inproc://mg-t-monitor"), ==, 0);
-    mg_acct_reset();
-    mg_ring_reset();
     mg_acct_cell_begin(7, 1000);
     memset(&ev, 0, sizeof(ev));
     ev.kind = MG_KIND_BUDGET;
@@ -208,6 +259,80 @@ static void t_lent_context_reaches_inproc_peer(void)
     zmq_close(pull);
 }
 
+static void on_usr1(int sig)
+{
+    (void)sig; /* only there to interrupt the monitor's sleep */
+}
+
+/* The monitor thread's id, found by the name it gives itself, or 0. */
+static pid_t monitor_tid(void)
+{
+    char path[300];
+    char name[32];
+    DIR *dir = opendir("/proc/self/task");
+    struct dirent *de;
+    pid_t tid = 0;
+
+    if (dir == NULL)
+        return 0;
+    while (tid == 0 && (de = readdir(dir)) != NULL) {
+        FILE *f;
+
+        if (de->d_name[0] == '.')
+            continue;
+        snprintf(path, sizeof(path), "/proc/self/task/%s/comm", de->d_name);
+        f = fopen(path, "r");
+        if (f == NULL)
+            continue;
+        if (fgets(name, sizeof(name), f) != NULL && strncmp(name, "memguard-mon", 12) == 0)
+            tid = (pid_t)atoi(de->d_name);
+        fclose(f);
+    }
+    closedir(dir);
+    return tid;
+}
+
+/* A period of 1000 ms (the longest allowed) sleeps a whole second between polls, even
+ * when signals interrupt the sleep: nanosleep must get a valid timespec (tv_nsec below
+ * 1e9) and, on EINTR, sleep what remains. */
+static void t_longest_period_sleeps_it_whole_despite_signals(void)
+{
+    struct sigaction sa;
+    struct sigaction old;
+    uint64_t first;
+    double t0;
+    double deadline;
+    pid_t tid = 0;
+    int signals = 0;
+
+    fresh();
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = on_usr1; /* no SA_RESTART: the sleep fails with EINTR */
+    sigemptyset(&sa.sa_mask);
+    check_int(sigaction(SIGUSR1, &sa, &old), ==, 0);
+    check_int(mg_monitor_start(s_endpoint, 1000, NULL), ==, 0);
+    deadline = now_s() + 5.0;
+    while (mg_monitor_polls() == 0 && now_s() < deadline)
+        usleep(1000);
+    first = mg_monitor_polls();
+    check_uint(first, >=, 1);
+    t0 = now_s();
+    for (deadline = t0 + 5.0; tid == 0 && now_s() < deadline; usleep(1000))
+        tid = monitor_tid();
+    check_int(tid, >, 0);
+    /* Interrupt the sleep every 50 ms until the next poll comes. */
+    while (mg_monitor_polls() == first && now_s() < deadline) {
+        if (tid > 0 && syscall(SYS_tgkill, getpid(), tid, SIGUSR1) == 0)
+            signals++;
+        usleep(50000);
+    }
+    check_uint(mg_monitor_polls(), ==, first + 1);
+    check_double(now_s() - t0, >=, 0.9); /* the poll's own work is under 100 ms */
+    check_int(signals, >=, 2);
+    check_int(mg_monitor_stop(), ==, 0);
+    sigaction(SIGUSR1, &old, NULL);
+}
+
 int main(void)
 {
     int linger = 0;
@@ -224,7 +349,7 @@ int main(void)
         test_skip_all("cannot bind an ipc:// endpoint in /tmp");
     if (mg_monitor_atfork_register() != 0)
         test_skip_all("pthread_atfork failed");
-    plan(8);
+    plan(9);
     TEST(t_budget_event_arrives_as_a_record(), "a budget event in the ring reaches the PULL peer as a 64-byte record");
     TEST(t_peak_growth_sends_an_update(), "peak growth of more than 10% after an alert sends an update record");
     TEST(t_second_start_says_ealready(), "starting a running relay fails with EALREADY");
@@ -232,6 +357,8 @@ int main(void)
     TEST(t_bad_period_and_endpoint_fail_cleanly(), "a bad period or endpoint fails without starting a thread");
     TEST(t_forked_child_is_quiet(), "a forked child stops counting, has no monitor and sends nothing");
     TEST(t_limit_and_rss_budget_records(), "the monitor sends a limit record past the fraction and a budget record for untracked RSS growth");
+    TEST(t_longest_period_sleeps_it_whole_despite_signals(),
+         "a 1000 ms period sleeps a whole second between polls, even when signals interrupt it");
     TEST(t_lent_context_reaches_inproc_peer(), "in a lent context the monitor reaches an inproc:// peer and leaves the context alive");
     zmq_close(s_pull);
     zmq_ctx_term(s_ctx);

@@ -6,6 +6,7 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 #include "mg_acct.h"
 #include "mg_ring.h"
@@ -225,12 +226,21 @@ static void t_threads_leave_nothing_behind(void)
  * wrong debits cancel out in the sum. */
 #define COLLIDERS 4
 #define COLLIDER_BLOCKS 8
-#define COLLIDER_ROUNDS 5000
+#define COLLIDER_ROUNDS 10000
+#define COLLIDER_SECONDS 5.0 /* or fewer rounds, under valgrind and TSan */
 
 static uintptr_t s_window[COLLIDERS * COLLIDER_BLOCKS]; /* addresses of one home slot */
 static atomic_int s_round_go;
 static atomic_int s_round_done;
 static atomic_int s_round_stop;
+
+static double now_s(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
 
 static size_t home_slot(uintptr_t a)
 {
@@ -248,11 +258,13 @@ static void *collider(void *arg)
     int t = (int)(intptr_t)arg;
 
     for (int round = 1; round <= COLLIDER_ROUNDS; round++) {
-        /* Spin without yielding for a while, so the threads leave the barrier together
+        /* Spin without yielding for up to 1 ms, so the threads leave the barrier together
          * (on separate cores), then yield (valgrind runs one thread at a time). */
+        double until = now_s() + 1e-3;
+
         for (unsigned spin = 0;
              atomic_load(&s_round_go) < round && !atomic_load(&s_round_stop); spin++)
-            if (spin > 100000)
+            if (spin % 1024 == 1023 && now_s() > until)
                 sched_yield();
         if (atomic_load(&s_round_stop))
             break;
@@ -271,6 +283,7 @@ static void t_colliding_inserts_keep_each_site_exact(void)
     int found = 0;
     int exact_after_alloc = 1;
     int exact_after_free = 1;
+    double deadline = now_s() + COLLIDER_SECONDS;
 
     fresh(11, 0);
     home = home_slot((uintptr_t)addr(0));
@@ -286,7 +299,7 @@ static void t_colliding_inserts_keep_each_site_exact(void)
     atomic_store(&s_round_stop, 0);
     for (intptr_t t = 0; t < COLLIDERS; t++)
         pthread_create(&th[t], NULL, collider, (void *)t);
-    for (int round = 1; round <= COLLIDER_ROUNDS; round++) {
+    for (int round = 1; round <= COLLIDER_ROUNDS && now_s() < deadline; round++) {
         atomic_store(&s_round_done, 0);
         atomic_store(&s_round_go, round); /* every thread inserts at once */
         while (atomic_load(&s_round_done) < COLLIDERS)
