@@ -1,6 +1,6 @@
 /* Cell-line attribution: which line of the running notebook cell is executing, read from
  * the interpreter's frames without allocating (csrc/frames.c, the only file that uses
- * CPython's internal frame layout). Entered from hooks and from Python. */
+ * CPython's frame layouts: 3.10, 3.11, 3.12 and 3.13). Entered from hooks and from Python. */
 #ifndef MEMGUARD_MG_FRAMES_H
 #define MEMGUARD_MG_FRAMES_H
 
@@ -20,7 +20,7 @@ void mg_frames_set_cell_file(PyObject *filename);
 
 /* 1-based line, in the running cell's source, of the innermost frame that belongs to the
  * running cell, or -1 when unknown (this thread does not hold the GIL, no notebook frame
- * is on the stack, the interpreter version has no implementation here).
+ * is on the stack).
  *
  * The innermost frame whose globals are the notebook's and whose filename is the running
  * cell's (mg_frames_set_cell_file) is the answer, in any thread, so a function defined in
@@ -30,7 +30,7 @@ void mg_frames_set_cell_file(PyObject *filename);
  * module-level code, and its filename is used the same way; a thread that runs only a
  * function of an earlier cell gets -1 rather than a line of another cell.
  *
- * Hook-safe by exception (../shared/STYLE.md section 3): it calls PyGILState_Check, which
+ * Hook-safe by exception (docs/design.md, "Hook safety"): it calls PyGILState_Check, which
  * reads thread-specific data without allocating, and walks frames only when the calling
  * thread holds the GIL; PyCode_Addr2Line reads the line table without allocating. Cost:
  * one pass over the thread's frames, so callers use it only on rare paths. */
