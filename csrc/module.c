@@ -21,8 +21,18 @@
 
 static PyObject *core_install(PyObject *self, PyObject *unused)
 {
-    int rewrapped = mg_hooks_pymem_install();
+    int rewrapped;
 
+    /* From a disabled state (first load, or a reload after unload), start clean: blocks
+     * freed while counting was off were never taken off their sites or the counters, so
+     * the old figures would stay charged to their lines for good (mg_sites_reset,
+     * mg_acct_reset). No hook counts while disabled, and the monitor is stopped: Python
+     * starts it after install. Enabled (pre_run_cell's re-install), nothing is reset. */
+    if (!mg_acct_enabled()) {
+        mg_sites_reset();
+        mg_acct_reset();
+    }
+    rewrapped = mg_hooks_pymem_install();
     mg_acct_set_enabled(1);
     return PyBool_FromLong(rewrapped);
 }

@@ -348,4 +348,6 @@ void mg_sites_reset(void)
     }
     atomic_store(&s_dropped, 0);
     atomic_store(&s_blocks_live, 0);
+    atomic_store(&s_last_line, -1);
+    atomic_store(&s_last_epoch, 0);
 }

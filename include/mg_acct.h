@@ -93,7 +93,8 @@ typedef struct mg_acct_refusal {
 MG_HOOKSAFE void mg_acct_note_refusal(size_t n, mg_refusal_t reason, int32_t line);
 void mg_acct_refusal(mg_acct_refusal_t *out);
 
-/* Zero every counter (tests and first install). Not to be called while hooks count. */
+/* Zero the counters and the cell (csrc/module.c's install from a disabled state, tests);
+ * the limit, raise mode and the last refusal stay. Not to be called while hooks count. */
 void mg_acct_reset(void);
 
 #endif /* MEMGUARD_MG_ACCT_H */

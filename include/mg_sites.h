@@ -88,8 +88,9 @@ void mg_sites_sweep(int64_t current_epoch);
 
 void mg_sites_stats(mg_sites_stats_t *out);
 
-/* Forget every block and site (install, tests). Blocks recorded before are then freed
- * without a site, which is harmless. Not while hooks count in other threads. */
+/* Forget every block and site, and the last line (csrc/module.c's install from a disabled
+ * state, tests). Blocks recorded before are then freed without a site, which is harmless.
+ * Not while hooks count in other threads. */
 void mg_sites_reset(void);
 
 #endif /* MEMGUARD_MG_SITES_H */
