@@ -35,8 +35,8 @@ USER = "memguard-ci"
 # they check, on each version, a budget alert naming the exact cell and line, sparse_to_dense
 # and accumulation alerts with their lines, raise mode's MemoryError, and the crash report
 # after SIGKILL and restart.
-KERNEL_TESTS = ("test_kernel.py", "test_detectors.py", "test_raise_limit.py",
-                "test_crash_report.py")
+KERNEL_TESTS = ("test_packaging.py", "test_kernel.py", "test_detectors.py",
+                "test_raise_limit.py", "test_crash_report.py")
 
 
 def find_python(version: str) -> str | None:
