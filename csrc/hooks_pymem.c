@@ -5,11 +5,28 @@
 #include "mg_reentry.h"
 #include "mg_hooks.h"
 
-/* The allocators we wrap, passed to our wrappers as ctx. Written by install (GIL held)
- * before our wrappers are set; read by the wrappers. Never freed or cleared: a wrapper
- * still in a chain after uninstall keeps calling through them. */
-static PyMemAllocatorEx s_prev_raw;
+#include <stdatomic.h>
+#include <string.h>
+
+/* The RAW allocators we wrapped, one slot per distinct allocator below us. A RAW call runs
+ * in any thread without the GIL, so a saved allocator is never rewritten once a wrapper
+ * can reach it: each wrap fills a slot nobody reads yet (or reuses one that already holds
+ * the same allocator, writing nothing), publishes it (release store of `published`), and
+ * passes it as the wrapper's ctx; the wrapper reads `published` (acquire) and calls
+ * through it. Slots are never freed or cleared: a wrapper still in a chain after uninstall
+ * keeps calling through its own. Written by install (GIL held); read by the wrappers. */
+#define RAW_SLOTS 16
+typedef struct raw_slot {
+    PyMemAllocatorEx saved;                      /* written once, before published */
+    _Atomic(const PyMemAllocatorEx *) published; /* &saved once filled, else NULL */
+} raw_slot_t;
+static raw_slot_t s_raw_slots[RAW_SLOTS];
+static unsigned s_raw_slots_used = 0; /* GIL held */
+/* The arena allocator we wrap, passed as ctx. Arena calls run with the GIL held, as
+ * install does, so rewriting it on a later install races nothing. */
 static PyObjectArenaAllocator s_prev_arena;
+/* The RAW slot of our wrapper now installed (for uninstall). GIL held. */
+static raw_slot_t *s_raw_current = NULL;
 /* Whether our wrapper is somewhere in the RAW / arena chain. GIL held (install/uninstall). */
 static int s_raw_wrapped = 0;
 static int s_arena_wrapped = 0;
@@ -20,9 +37,17 @@ static _Thread_local int t_probe = 0;
 /* RAW blocks are measured with malloc_usable_size (mg_hooks_after_alloc), which needs the
  * RAW chain below us to hand out malloc'd pointers: that is why the Python side refuses to
  * load under PYTHONMALLOC=debug (the debug hooks offset pointers). */
+/* The allocator below the wrapper whose ctx is this slot: acquire pairs with install's
+ * release, so its fields are seen whole. A ctx reaches a RAW call only through the
+ * allocator install set after publishing, so it is never NULL here. Hook-safe. */
+static inline const PyMemAllocatorEx *raw_prev(void *ctx)
+{
+    return atomic_load_explicit(&((raw_slot_t *)ctx)->published, memory_order_acquire);
+}
+
 static void *raw_malloc(void *ctx, size_t n)
 {
-    PyMemAllocatorEx *prev = ctx;
+    const PyMemAllocatorEx *prev = raw_prev(ctx);
     int was = mg_reentry_enter();
     void *p = prev->malloc(prev->ctx, n);
 
@@ -35,7 +60,7 @@ static void *raw_malloc(void *ctx, size_t n)
 
 static void *raw_calloc(void *ctx, size_t nelem, size_t elsize)
 {
-    PyMemAllocatorEx *prev = ctx;
+    const PyMemAllocatorEx *prev = raw_prev(ctx);
     int was = mg_reentry_enter();
     void *p = prev->calloc(prev->ctx, nelem, elsize);
 
@@ -46,7 +71,7 @@ static void *raw_calloc(void *ctx, size_t nelem, size_t elsize)
 
 static void *raw_realloc(void *ctx, void *ptr, size_t n)
 {
-    PyMemAllocatorEx *prev = ctx;
+    const PyMemAllocatorEx *prev = raw_prev(ctx);
     int was = mg_reentry_enter();
     int count = mg_hooks_counting(was);
     size_t old = mg_hooks_realloc_old(count, ptr);
@@ -59,7 +84,7 @@ static void *raw_realloc(void *ctx, void *ptr, size_t n)
 
 static void raw_free(void *ctx, void *ptr)
 {
-    PyMemAllocatorEx *prev = ctx;
+    const PyMemAllocatorEx *prev = raw_prev(ctx);
     int was = mg_reentry_enter();
 
     mg_hooks_before_free(was, MG_DOMAIN_RAW, ptr);
@@ -119,9 +144,22 @@ int mg_hooks_pymem_install(void)
     }
     if (!s_raw_wrapped) {
         PyMemAllocatorEx mine;
+        PyMemAllocatorEx below;
+        raw_slot_t *slot = NULL;
 
-        PyMem_GetAllocator(PYMEM_DOMAIN_RAW, &s_prev_raw);
-        mine.ctx = &s_prev_raw;   /* the allocator we wrap */
+        PyMem_GetAllocator(PYMEM_DOMAIN_RAW, &below);
+        for (unsigned i = 0; i < s_raw_slots_used && slot == NULL; i++)
+            if (memcmp(&s_raw_slots[i].saved, &below, sizeof(below)) == 0)
+                slot = &s_raw_slots[i];
+        if (slot == NULL && s_raw_slots_used < RAW_SLOTS) {
+            slot = &s_raw_slots[s_raw_slots_used++];
+            slot->saved = below;
+            atomic_store_explicit(&slot->published, &slot->saved, memory_order_release);
+        }
+        if (slot == NULL)
+            goto arena; /* 16 distinct allocators below us: RAW stays unwrapped (uncounted) */
+        s_raw_current = slot;
+        mine.ctx = slot;           /* the allocator we wrap */
         mine.malloc = raw_malloc;  /* counts malloc_usable_size after success */
         mine.calloc = raw_calloc;  /* same */
         mine.realloc = raw_realloc; /* free(old) + alloc(new) on success */
@@ -129,6 +167,7 @@ int mg_hooks_pymem_install(void)
         PyMem_SetAllocator(PYMEM_DOMAIN_RAW, &mine);
         s_raw_wrapped = 1;
     }
+arena:
     if (!s_arena_wrapped) {
         PyObjectArenaAllocator mine;
 
@@ -149,8 +188,8 @@ int mg_hooks_pymem_uninstall(void)
     PyObjectArenaAllocator arena;
 
     PyMem_GetAllocator(PYMEM_DOMAIN_RAW, &raw);
-    if (s_raw_wrapped && raw.malloc == raw_malloc) {
-        PyMem_SetAllocator(PYMEM_DOMAIN_RAW, &s_prev_raw);
+    if (s_raw_wrapped && raw.malloc == raw_malloc && s_raw_current != NULL) {
+        PyMem_SetAllocator(PYMEM_DOMAIN_RAW, &s_raw_current->saved);
         s_raw_wrapped = 0;
         restored++;
     }
