@@ -24,7 +24,7 @@ static int s_installed = 0;
 
 /* NumPy's default handler hands out malloc'd blocks (numpy/_core/src/multiarray/alloc.c),
  * so the malloc_usable_size rule of mg_hooks_after_alloc applies; it also absorbs NumPy's
- * free size drifting after a realloc (platform-facts). */
+ * free size drifting after a realloc (docs/design.md, NumPy NEP 49 handler). */
 static void *np_malloc(void *ctx, size_t n)
 {
     PyDataMemAllocator *prev = ctx;

@@ -1,5 +1,6 @@
-/* Owns the RSS samples: the latest, and the running cell's start and peak. The monitor
- * thread samples; Python (GIL held) starts cells and reads; no allocator hook enters. */
+/* Owns the memory samples: RSS (the latest, and the running cell's start and peak), the
+ * address-space size and the cgroup usage. The monitor thread samples; Python (GIL held)
+ * starts cells and reads; hooks read the latest samples only (mg_measures_used). */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdatomic.h>
@@ -8,18 +9,22 @@
 
 #include "mg_measures.h"
 
-/* Opened once (first reader wins the CAS, a loser closes its own); read with pread, which
- * procfs seq files support at offset 0. Reset in a forked child. */
+/* Opened once (first reader wins the CAS, seq_cst, a loser closes its own; readers load it
+ * with acquire); read with pread, which procfs seq files support at offset 0. Reset in a
+ * forked child. */
 static _Atomic int s_fd = -1;
-/* Written by mg_measures_sample/cell_begin (relaxed); read by anyone. */
+/* Written by mg_measures_sample (the monitor) and mg_measures_cell_begin (GIL held),
+ * relaxed, each on its own; read by anyone (relaxed), hooks included. s_cell_peak is
+ * raised by a CAS loop; a sample racing a cell start may raise the new cell's peak from
+ * a reading of the old one's, which is still RSS at that instant. */
 static _Atomic int64_t s_last = 0;
 static _Atomic int64_t s_cell_start = 0;
 static _Atomic int64_t s_cell_peak = 0;
 static _Atomic int64_t s_vm_last = 0;
 static _Atomic int64_t s_cg_last = 0;
-/* The cgroup usage file: set by mg_measures_set_cgroup_file (exchange, GIL held), read by the
- * monitor. The old descriptor is closed only when no sample can be using it... which we
- * cannot know without a lock, so a replaced descriptor is leaked (it happens once per load). */
+/* The cgroup usage file: set by mg_measures_set_cgroup_file (exchange acq_rel, GIL held),
+ * read by the samplers (acquire). A replaced descriptor is never closed: a sample may be
+ * reading it, and knowing when none is would take a lock; it is one per set_limit call. */
 static _Atomic int s_cg_fd = -1;
 
 static int rss_fd(void)

@@ -19,13 +19,15 @@ typedef struct ring_slot {
 } ring_slot_t;
 
 static ring_slot_t s_slots[MG_RING_SLOTS];
-/* Written by producers (CAS, relaxed); read by producers. */
+/* Written by producers (CAS, relaxed); read by producers (relaxed) and mg_ring_pushed
+ * (acquire). */
 static _Atomic uint64_t s_write = 0;
-/* Written by the one consumer (relaxed store); read by it and by mg_ring_pending. */
+/* Written by the one consumer (relaxed store); read only by it (mg_ring_pop). */
 static _Atomic uint64_t s_read = 0;
 /* Written by producers on a full ring (relaxed); read by anyone. */
 static _Atomic uint64_t s_dropped = 0;
-/* Set once by the first push or reset; slots must start with seq == index. */
+/* Set by mg_ring_reset (release) once the slots hold seq == index; read by push and pop
+ * (acquire), which fail with EAGAIN before it. */
 static _Atomic int s_ready = 0;
 
 static void ring_init_slots(void)
@@ -34,9 +36,10 @@ static void ring_init_slots(void)
         atomic_store_explicit(&s_slots[i].seq, i, memory_order_relaxed);
 }
 
-/* Static initialisation of seq = index without a constructor: a zeroed slot i > 0 has
- * seq 0 < i, which a producer would read as "full". So the first user initialises. This
- * runs from mg_ring_reset, which module.c calls once before any hook is installed. */
+/* Slots must start with seq == index, which static zero-initialisation does not give (a
+ * zeroed slot i > 0 has seq 0 < i, which a producer reads as "full"), so nothing is pushed
+ * before this runs: module.c calls it once at module init, before any hook is installed,
+ * and the tests before each use. */
 void mg_ring_reset(void)
 {
     ring_init_slots();

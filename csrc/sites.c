@@ -18,10 +18,13 @@
 #define LINE_BITS 21
 
 typedef struct site_slot {
-    _Atomic uint64_t key;        /* written by inserts (CAS) and sweep (release) */
-    _Atomic int64_t live_bytes;  /* hooks (relaxed RMW); zeroed by sweep before the key */
+    _Atomic uint64_t key;        /* written by inserts and sweep (CAS, acq_rel); read by
+                                  * everyone (acquire; relaxed in mg_sites_stats) */
+    _Atomic int64_t live_bytes;  /* hooks (relaxed RMW); zeroed by sweep before the key;
+                                  * read relaxed (a listing may mix instants) */
     _Atomic int64_t live_count;  /* same */
-    _Atomic int64_t reported;    /* hooks (CAS): live bytes at the last accumulation event */
+    _Atomic int64_t reported;    /* hooks (CAS, relaxed): live bytes at the last
+                                  * accumulation event; zeroed by sweep; read relaxed */
 } site_slot_t;
 
 /* A block slot is claimed first, then filled: an insert claims a free slot with a CAS on
@@ -47,10 +50,12 @@ static _Atomic size_t s_threshold = MG_SITES_THRESHOLD_DEFAULT;
 static _Atomic int64_t s_rule_min_count = 3;
 static _Atomic int64_t s_rule_fraction_ppm = 250000; /* 0.25 in millionths: no atomic double */
 static _Atomic int64_t s_rule_no_budget = 256ll * 1024 * 1024;
-/* Written by hooks (relaxed RMW); read by anyone. */
+/* Written by hooks (relaxed RMW); read by anyone (relaxed). */
 static _Atomic uint64_t s_dropped = 0;
 static _Atomic int64_t s_blocks_live = 0;
-/* The line and epoch of the last attributed allocation: hooks (relaxed), the black box. */
+/* The line and epoch of the last attributed allocation with a known line: written by hooks
+ * (relaxed, line then epoch), read by the monitor's black-box tick (relaxed, each on its
+ * own: a pair read across two allocations names one of their lines). */
 static _Atomic int32_t s_last_line = -1;
 static _Atomic int64_t s_last_epoch = 0;
 

@@ -13,7 +13,7 @@
 
 /* Marks, in headers, the functions an allocator hook may call: no Py* API, no lock, no
  * malloc, no stdio, no zmq. Reviewers reject any other call made from hooks_*.c
- * (../shared/STYLE.md section 3). It expands to nothing. */
+ * (docs/design.md, Hook safety). It expands to nothing. */
 #define MG_HOOKSAFE
 
 /* Return codes of the engine functions (mg_ring_*, mg_acct_*, mg_monitor_*): 0 on success,

@@ -31,7 +31,7 @@ MG_HOOKSAFE void mg_hooks_count_free(mg_domain_t d, size_t n, void *p);
 /* The counting rule every malloc-backed wrapper follows, in one place. `was` is what
  * mg_reentry_enter returned: a nested call (was != 0) or disabled counting counts nothing.
  * Blocks are measured with malloc_usable_size on both ends, so alloc and free always agree
- * even when a caller's size arguments drift (platform-facts: exact against mallinfo2);
+ * even when a caller's size arguments drift (docs/design.md, Allocator hooks: exact against mallinfo2);
  * that needs the allocator below to hand out malloc'd pointers. All hook-safe. */
 MG_HOOKSAFE void mg_hooks_after_alloc(int was, mg_domain_t d, void *p);    /* p may be NULL */
 MG_HOOKSAFE void mg_hooks_before_free(int was, mg_domain_t d, void *ptr);  /* ptr may be NULL */
@@ -61,7 +61,7 @@ int mg_hooks_pymem_uninstall(void);
 /* Make NumPy's default NEP 49 handler capsule point to the "memguard" handler, which wraps
  * a copy of the handler it replaced. Patching the default capsule, rather than setting a
  * ContextVar with PyDataMem_SetHandler, reaches threads and contexts that never inherit
- * the ContextVar (../shared/notes/platform-facts.md). Never undone: arrays keep a reference
+ * the ContextVar (docs/design.md, NumPy NEP 49 handler). Never undone: arrays keep a reference
  * to the capsule and free through it. Returns 0 when the current context's handler is
  * memguard's, 1 when this context uses another, non-default handler (then its arrays are
  * not counted), -1 with a Python exception set (NumPy missing or older than 1.22). GIL

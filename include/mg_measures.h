@@ -20,8 +20,8 @@ int mg_measures_parse_number(const char *buf, size_t len, size_t *used, int64_t 
 int mg_measures_parse_statm(const char *buf, size_t len, int64_t *vm_pages, int64_t *rss_pages);
 
 /* RSS in bytes now: the second field of /proc/self/statm (proc(5)) times the page size,
- * read with pread on a descriptor kept open (about 10 us here; platform-facts measured
- * 14 us with open/read/close). Returns -1 with errno set if /proc cannot be read. Any
+ * read with pread on a descriptor kept open (about 10 us; 14 us with open/read/close:
+ * docs/design.md, Limits and measures). Returns -1 with errno set if /proc cannot be read. Any
  * thread; not async-signal-safe on first use (it opens the file). */
 int64_t mg_measures_read(void);
 
@@ -48,8 +48,9 @@ typedef enum mg_measure {
  * picks the new descriptor up at its next sample. */
 int mg_measures_set_cgroup_file(const char *path);
 
-/* The latest sample of measure m in bytes (0 before the first sample or when the cgroup
- * file is unreadable). Hook-safe: one relaxed atomic load. */
+/* The latest sample of measure m in bytes: 0 before the first sample; for the cgroup, the
+ * last readable sample (a failed read keeps it; 0 if the file was never read). Hook-safe:
+ * one relaxed atomic load. */
 MG_HOOKSAFE int64_t mg_measures_used(mg_measure_t m);
 
 typedef struct mg_measures_snapshot {

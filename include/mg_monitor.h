@@ -1,6 +1,7 @@
 /* The monitor thread and its libzmq PUSH socket (csrc/monitor.c): drains the event ring,
- * follows the alerted cell's peak, and sends fixed-size alert records to the Python relay
- * that publishes them on IOPub. Started and stopped with the GIL held; the thread itself
+ * applies the RSS budget and limit rules, follows the alerted cell's peak, writes each
+ * alert record into the black box and sends it to the Python relay that publishes it on
+ * IOPub, and ticks the black box. Started and stopped with the GIL held; the thread itself
  * never takes the GIL and never calls Python. */
 #ifndef MEMGUARD_MG_MONITOR_H
 #define MEMGUARD_MG_MONITOR_H
@@ -31,12 +32,14 @@ typedef struct mg_wire {
                        * record was made, bytes */
     int64_t peak;     /* the cell's peak usage so far, bytes */
     int64_t budget;   /* the cell's budget, bytes (0 = none) */
-    double t;         /* CLOCK_MONOTONIC seconds when the hook saw the event */
+    double t;         /* CLOCK_MONOTONIC seconds when the hook saw the event (the monitor's
+                       * own rules: when it made the record) */
 } mg_wire_t;
 #define MG_WIRE_FORMAT "<IIqiIqqqqd"
 
-/* The monitor samples RSS every MG_RSS_EVERY polls (10 ms at the default 2 ms period):
- * often enough to follow growth, rare enough to cost nothing measurable (one pread). */
+/* The monitor samples the measures every MG_RSS_EVERY polls (10 ms at the default 2 ms
+ * period): often enough to follow growth, rare enough to cost nothing measurable (a pread
+ * of statm, and one of the cgroup file when a cgroup limit is set). */
 #define MG_RSS_EVERY 5
 /* After the first MG_KIND_LIMIT record of a cell, another is sent each time the measure has
  * grown by this fraction of the limit (so the alert is updated in place, not repeated). */
