@@ -223,7 +223,7 @@ static PyObject *core_blackbox_close(PyObject *self, PyObject *args)
 
     if (!PyArg_ParseTuple(args, "|p:blackbox_close", &remove))
         return NULL;
-    /* The monitor may be mid-tick on the mapping: stop it first (guard.py does). */
+    /* Safe while the monitor runs: close waits for a tick in progress (mg_blackbox.h). */
     mg_blackbox_close(remove);
     Py_RETURN_NONE;
 }
@@ -464,8 +464,8 @@ static PyMethodDef core_methods[] = {
      "blackbox_open(path: str, connection: str) -> None\n\nCreate the black box at path "
      "(< 1 MiB, mapped; the monitor keeps it current). Raises OSError."},
     {"blackbox_close", core_blackbox_close, METH_VARARGS,
-     "blackbox_close(remove: bool = True) -> None\n\nUnmap it (and unlink it). Stop the "
-     "monitor first."},
+     "blackbox_close(remove: bool = True) -> None\n\nUnmap it (and unlink it), after any "
+     "write the monitor thread has in progress."},
     {"blackbox_set_cell", core_blackbox_set_cell, METH_VARARGS,
      "blackbox_set_cell(epoch: int, count: int, source: str) -> None\n\nThe running cell "
      "(count -1 if none); source cut to 16 KiB."},
