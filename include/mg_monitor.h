@@ -86,4 +86,20 @@ uint64_t mg_monitor_dropped(void);
  * zmq context must not be touched there. Idempotent. Returns 0 or an errno value. */
 int mg_monitor_atfork_register(void);
 
+/* --- The launcher's socket (a second PUSH) ------------------------------------------------
+ * Under memguard's kernel launcher (jupyter_ext/memguard/launcher.py, which owns IOPub) the
+ * monitor also sends every record to the launcher, which publishes it without waiting for
+ * this process's GIL (docs/design.md, "Alert latency"). Set the endpoint (e.g.
+ * "ipc:///tmp/memguard-launch-x/records", from MEMGUARD_LAUNCHER_ENDPOINT) before
+ * mg_monitor_start; NULL or "" clears it. The socket is created by mg_monitor_start in the
+ * same context and closed by mg_monitor_stop; each record goes to the relay first, then
+ * here, ZMQ_DONTWAIT (a missing launcher only counts drops). Returns 0; -1 with errno =
+ * EALREADY while the monitor runs, ENAMETOOLONG for an endpoint of 256 bytes or more. GIL
+ * held. */
+int mg_monitor_set_launcher(const char *endpoint);
+
+/* Records sent to the launcher, and dropped there (absent or slow peer). Any thread. */
+uint64_t mg_monitor_launcher_sent(void);
+uint64_t mg_monitor_launcher_dropped(void);
+
 #endif /* MEMGUARD_MG_MONITOR_H */

@@ -49,8 +49,10 @@ arguments (argparse's usage message).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import warnings
@@ -257,12 +259,96 @@ def uninstall(profile: str = "default") -> str:
     return f"memguard: uninstalled from {where}; new kernels will not load memguard"
 
 
+# --- the launcher kernelspec (`install --kernelspec [NAME]`) ------------------------------
+
+KERNELSPEC_NAME = "python3-memguard"
+KERNELSPEC_DISPLAY = "Python 3 (memguard)"
+
+
+def kernelspec(python: str | None = None) -> dict:
+    """The kernel.json of the launcher kernelspec: memguard's launcher (launcher.py) owns
+    IOPub and starts ipykernel, which loads memguard (``--ext=memguard``)."""
+    return {
+        "argv": [python or sys.executable, "-m", "memguard.launcher", "-f",
+                 "{connection_file}", "--ext=memguard"],
+        "display_name": KERNELSPEC_DISPLAY,
+        "language": "python",
+        "interrupt_mode": "signal",
+        "metadata": {"debugger": True, "memguard": {"launcher": True}},
+    }
+
+
+def kernelspec_dir(name: str, user: bool, prefix: str | None) -> str:
+    """Where kernelspec ``name`` goes, as ``ipykernel install`` and jupyter_client's
+    KernelSpecManager decide it: ``--user``: the user's Jupyter data dir; ``--prefix`` (or
+    ``--sys-prefix``): PREFIX/share/jupyter; else the system-wide Jupyter path."""
+    from jupyter_core.paths import SYSTEM_JUPYTER_PATH, jupyter_data_dir
+
+    if user:
+        base = jupyter_data_dir()
+    elif prefix:
+        base = os.path.join(os.path.abspath(prefix), "share", "jupyter")
+    else:
+        base = SYSTEM_JUPYTER_PATH[0]
+    return os.path.join(base, "kernels", name)
+
+
+def install_kernelspec(name: str, user: bool = False, prefix: str | None = None) -> str:
+    """Write the launcher kernelspec ``name`` (replacing one of that name); returns the line
+    to print."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "kernel.json"), "w", encoding="utf-8") as fh:
+            json.dump(kernelspec(), fh, indent=1)
+        try:
+            import ipykernel.kernelspec as ik  # the Python logos, when ipykernel has them
+
+            for logo in ("logo-32x32.png", "logo-64x64.png", "logo-svg.svg"):
+                src = os.path.join(ik.RESOURCES, logo)
+                if os.path.exists(src):
+                    shutil.copy(src, tmp)
+        except (ImportError, AttributeError, OSError):
+            pass
+        try:
+            where = KernelSpecManager().install_kernel_spec(
+                tmp, name, user=user, prefix=None if user else prefix)
+        except OSError as exc:
+            raise CliError(f"cannot write kernelspec {name!r} in "
+                           f"{kernelspec_dir(name, user, prefix)}: {_reason(exc)}") from exc
+    return (f"memguard: installed kernelspec {name!r} ({KERNELSPEC_DISPLAY}) in {where}: its "
+            f"kernels run behind memguard's launcher")
+
+
+def uninstall_kernelspec(name: str, user: bool = False, prefix: str | None = None) -> str:
+    """Remove the kernelspec ``name`` from the place install_kernelspec chose; returns the
+    line to print."""
+    where = kernelspec_dir(name, user, prefix)
+    if not os.path.exists(os.path.join(where, "kernel.json")):
+        return f"memguard: no kernelspec {name!r} in {where}; nothing changed"
+    try:
+        shutil.rmtree(where)
+    except OSError as exc:
+        raise CliError(f"cannot remove {where}: {_reason(exc)}") from exc
+    return f"memguard: removed kernelspec {name!r} from {where}"
+
+
+def _spec_prefix(args: argparse.Namespace) -> str | None:
+    return sys.prefix if args.sys_prefix else args.prefix
+
+
 def _cmd_install(args: argparse.Namespace) -> int:
+    if args.kernelspec:
+        print(install_kernelspec(args.kernelspec, args.user, _spec_prefix(args)))
+        return 0
     print(install(args.profile))
     return 0
 
 
 def _cmd_uninstall(args: argparse.Namespace) -> int:
+    if args.kernelspec:
+        print(uninstall_kernelspec(args.kernelspec, args.user, _spec_prefix(args)))
+        return 0
     print(uninstall(args.profile))
     return 0
 
@@ -301,6 +387,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
         p.add_argument("--profile", default="default", type=_profile_name, metavar="NAME",
                        help="IPython profile (default: %(default)s); kernels use a profile "
                             "other than 'default' only when started with --profile=NAME")
+        p.add_argument("--kernelspec", nargs="?", const=KERNELSPEC_NAME, default=None,
+                       metavar="NAME",
+                       help=f"the kernelspec NAME (default {KERNELSPEC_NAME}, shown as "
+                            f"'{KERNELSPEC_DISPLAY}') whose kernels run behind memguard's "
+                            f"launcher, instead of the profile block")
+        where = p.add_mutually_exclusive_group()
+        where.add_argument("--user", action="store_true",
+                           help="with --kernelspec: the user's Jupyter data directory")
+        where.add_argument("--sys-prefix", action="store_true",
+                           help="with --kernelspec: this Python's prefix (venv, conda env)")
+        where.add_argument("--prefix", metavar="PATH",
+                           help="with --kernelspec: PATH/share/jupyter/kernels")
         p.set_defaults(func=func)
     text = ("print the post-crash report of a black box (default: the newest one whose "
             "kernel is dead)")

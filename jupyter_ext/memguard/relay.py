@@ -18,6 +18,7 @@ through ``kernel.iopub_socket``, which ipykernel documents as safe from any thre
 is the same, since any Python relay waits for the GIL.
 """
 
+import hashlib
 import struct
 import sys
 import threading
@@ -34,6 +35,20 @@ def load_zmq(core):
     process, whichever pyzmq uses (its wheel's bundled copy, or a system one it was built
     against). Raises ImportError with the reason if it cannot be resolved."""
     core.zmq_load(_zmq_backend.__file__)
+
+
+# The causes (first element) whose alerts come from C monitor records, which memguard's kernel
+# launcher (launcher.py) also receives and publishes first, without this process's GIL.
+LAUNCHER_CAUSES = frozenset({"budget", "limit", "accumulation"})
+
+
+def display_id(session, epoch, cause):
+    """The ``transient.display_id`` of the alert of ``cause`` (a tuple such as
+    ``("budget",)`` or ``("accumulation", 5)``) in cell ``epoch`` of the kernel whose IOPub
+    session id is ``session``: derived from what both the kernel and its launcher know, so
+    the launcher's first alert and the kernel's later, richer one are one display."""
+    key = "\x1f".join([str(session), str(int(epoch))] + [str(c) for c in cause])
+    return "memguard-" + hashlib.sha1(key.encode("utf-8")).hexdigest()[:32]
 
 
 class Relay:
@@ -129,11 +144,16 @@ class Publisher:
     """Sends alert bundles under the right cell, once per cause, updated in place after.
 
     ``kernel`` is the ipykernel Kernel, or None outside a kernel (terminal IPython), where
-    alerts are written as text to the process's stderr instead. Thread-safe.
+    alerts are written as text to the process's stderr instead. ``launcher``: the kernel runs
+    under memguard's launcher, which publishes the first alert of each LAUNCHER_CAUSES cause
+    itself (same display_id), so even the first one from here is an ``update_display_data``
+    (the launcher turns it into ``display_data`` if it had not published that display).
+    Thread-safe.
     """
 
-    def __init__(self, kernel):
+    def __init__(self, kernel, launcher=False):
         self._kernel = kernel
+        self._launcher = launcher
         self._lock = threading.Lock()
         self._display_ids = {}  # (epoch, cause) -> display_id
 
@@ -147,16 +167,19 @@ class Publisher:
         """
         with self._lock:
             key = (epoch, cause)
-            display_id = self._display_ids.get(key)
-            msg_type = "update_display_data" if display_id else "display_data"
-            if display_id is None:
-                display_id = self._display_ids[key] = f"memguard-{uuid.uuid4().hex}"
+            shown = self._display_ids.get(key)
+            msg_type = "update_display_data" if shown else "display_data"
+            if self._launcher and cause and cause[0] in LAUNCHER_CAUSES:
+                msg_type = "update_display_data"
+            if shown is None:
+                session = getattr(getattr(self._kernel, "session", None), "session", "")
+                shown = self._display_ids[key] = display_id(session, epoch, cause)
                 if len(self._display_ids) > 10_000:
                     self._display_ids.pop(next(iter(self._display_ids)))
         content = {
             "data": render.alert_bundle(alert),
             "metadata": {},
-            "transient": {"display_id": display_id},
+            "transient": {"display_id": shown},
         }
         kernel = self._kernel
         if kernel is None or parent is None:
