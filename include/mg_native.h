@@ -1,0 +1,40 @@
+/* Native allocation hooks (csrc/hooks_native.c): wrappers of malloc, calloc, realloc, free,
+ * posix_memalign, aligned_alloc, memalign, valloc, pvalloc, reallocarray and anonymous
+ * mmap/munmap/mremap, installed into the GOT slots of every loaded shared object (and of
+ * every object loaded later, through a dlopen wrapper) by csrc/elf_patch.c. They count into
+ * MG_DOMAIN_NATIVE. docs/design.md, "Native memory". */
+#ifndef MEMGUARD_MG_NATIVE_H
+#define MEMGUARD_MG_NATIVE_H
+
+#include "memguard.h"
+
+/* Resolve the real functions (first call), then patch every loaded object except memguard's
+ * own, libc and the dynamic loader. Slots of objects whose callers turn a NULL into an
+ * exception (libarrow.so*, libc10.so: see docs/design.md) get the refusing variant. Returns
+ * the number of slots patched by this call, -1 with errno set. GIL held (or any thread:
+ * serialized inside). */
+int mg_native_install(void);
+
+/* Restore every patched slot; counting of native memory stops. Returns slots restored. */
+int mg_native_uninstall(void);
+
+/* Bring the native domain's mapping bytes to the mappings' resident pages (mincore): the
+ * monitor thread calls it at every RSS sample. A crossing of the budget it causes is pushed
+ * as an MG_KIND_BUDGET event with an unknown line. Any thread, not from a hook (records
+ * being settled elsewhere are skipped). */
+void mg_native_settle(void);
+
+/* Non-zero between install and uninstall. Any thread (relaxed). */
+int mg_native_installed(void);
+
+/* Mappings the anonymous-mmap table holds now, and mappings/refusals it could not record. */
+typedef struct mg_native_stats {
+    long mappings;
+    unsigned long long map_dropped;
+    int slots;          /* GOT slots patched now */
+    int objects;        /* objects scanned in the last pass */
+    int failed;         /* objects that could not be patched (mg_elf_failed) */
+} mg_native_stats_t;
+void mg_native_stats(mg_native_stats_t *out);
+
+#endif /* MEMGUARD_MG_NATIVE_H */
