@@ -23,10 +23,16 @@ LINE_USAGE = """%memguard [status]         show limit, budget, mode, tracked, RS
 %memguard mode warn|raise  raise: an allocation that would cross the budget or the limit fails (MemoryError)
 %memguard summary on|off   one line after each cell: peak, retained, untracked, seconds
 %memguard history          a table of every cell so far (memguard.history() returns it)
-%memguard report           the post-crash report of the kernel that died before this one"""
+%memguard report           the post-crash report of the kernel that died before this one
+%memguard dask install [SIZE] [--raise]  memguard on every Dask worker of the notebook's client
+%memguard dask uninstall   remove it from the workers"""
 CELL_USAGE = """%%memguard SIZE [--raise] [--trace]  run this cell with budget SIZE (e.g. %%memguard 500MB)
   --raise  raise mode for this cell: an allocation that would cross SIZE fails with MemoryError
   --trace  run it under tracemalloc and add its top lines to the cell's alerts"""
+
+
+DASK_USAGE = ("%memguard dask install [SIZE] [--raise] | %memguard dask uninstall   "
+              "e.g. %memguard dask install 500MB --raise")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,6 +60,10 @@ def _line_parser():
     summary.add_argument("state", choices=("on", "off"))
     sub.add_parser("history", usage="%memguard history")
     sub.add_parser("report", usage="%memguard report")
+    dask = sub.add_parser("dask", usage=DASK_USAGE)
+    dask.add_argument("action", choices=("install", "uninstall"))
+    dask.add_argument("size", nargs="?")
+    dask.add_argument("--raise", dest="raise_", action="store_true")
     return parser
 
 
@@ -128,6 +138,8 @@ class MemguardMagics(Magics):
             found = commands.crash_report()
             display(render.text_bundle(found) if isinstance(found, str)
                     else render.crash_bundle(found), raw=True)
+        elif args.command == "dask":
+            print(_dask(args))
 
     def _cell(self, line, cell):
         args = _cell_parser().parse_args(_split(line, CELL_USAGE))
@@ -147,6 +159,20 @@ class MemguardMagics(Magics):
             cells.drain()  # alerts still in flight get the traced top lines too
             running.trace.stop()
             running.trace = None
+
+
+def _dask(args):
+    """``%memguard dask install [SIZE] [--raise]`` / ``uninstall`` (memguard.dask)."""
+    from . import dask as mg_dask
+
+    if args.action == "uninstall" and (args.size or args.raise_):
+        raise UsageError(f"%memguard dask uninstall takes no argument\nUsage:\n{DASK_USAGE}")
+    if args.size:
+        _size(args.size)
+    try:
+        return mg_dask.magic(args.action, args.size, args.raise_)
+    except (RuntimeError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _cell_filename(shell):

@@ -71,6 +71,10 @@ def where(alert):
         parts.append(f"cell {alert['cell']}")
     if alert.get("line") is not None:
         parts.append(f"line {alert['line']}")
+    if alert.get("task") is not None:  # a Dask task (memguard.dask): which, and where it ran
+        parts.append(f"task {alert['task']!r}"
+                     + (f", {alert['function']}()" if alert.get("function") else "")
+                     + (f" on worker {alert['worker']}" if alert.get("worker") else ""))
     return ", ".join(parts) or "unknown line"
 
 
@@ -440,11 +444,12 @@ def crash_html(alert):
     todo = "".join(f"<li>{html.escape(s)}</li>" for s in alert["suggestions"])
     ul = "<ul style='margin:2px 0 4px 0;padding-left:1.5em'>"
     head = "<div style='margin-top:4px;font-weight:600'>"
-    place = where(alert) if alert.get("cell") is not None else ""
+    place = where(alert) if alert.get("cell") is not None or alert.get("task") else ""
+    died = "a Dask worker died" if alert.get("worker") else "the kernel died"  # memguard.dask
     return (
         f'<div class="memguard-alert memguard-crash" role="alert" '
-        f'aria-label="memguard: the kernel died" style="{box_style("error")}">'
-        f'{heading("error", "the kernel died", place)}'
+        f'aria-label="memguard: {died}" style="{box_style("error")}">'
+        f'{heading("error", died, place)}'
         f"<div>{html.escape(alert['message'])}</div>"
         f"{rows}{_crash_svg(alert)}"
         + (f"{head}Memory still held when it died:</div>{ul}{sites}</ul>" if sites else "")

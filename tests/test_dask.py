@@ -1,0 +1,281 @@
+"""memguard on Dask workers (memguard.dask), end to end: a real kernel with memguard loaded
+(conftest's ``kernel``) runs a real ``distributed.LocalCluster`` with process workers and
+nannies; its alerts, raise mode, the crash report of a worker the nanny terminates, workers
+that join later and uninstall are checked from the kernel's IOPub messages and from the
+worker processes themselves (``client.run``)."""
+
+# what this shows: a task's sparse densification, a task's kept arrays, a task's over-budget
+# allocation in raise mode and a task that grows until its nanny kills the worker each give
+# memguard's alert (or MemoryError, or crash report) naming the task's key, its function and
+# the notebook cell and line the function was defined on, under the cell that computed it;
+# workers added later are guarded, and uninstall leaves no hook, thread or box in any worker.
+
+import json
+import time
+
+import pytest
+
+pytest.importorskip("distributed")
+
+# A cell that defines the task functions: the alerts must name this cell and these lines.
+FUNCTIONS = """\
+def densify(n_rows, n_cols):
+    X = sp.random(n_rows, n_cols, density=0.001, format="csr", dtype=np.float64, random_state=0)
+    D = X.toarray()
+    return float(D.sum())
+
+def keep_parts(n, part_bytes):
+    parts = []
+    for i in range(n):
+        parts.append(np.ones(part_bytes // 8))
+    return len(parts)
+
+def one_big(nbytes):
+    a = np.ones(nbytes // 8)
+    return float(a.sum())
+
+def grow_forever(step_bytes):
+    held = []
+    while True:
+        held.append(np.ones(step_bytes // 8))
+        time.sleep(0.02)
+"""
+LINES = {"densify": 3, "keep_parts": 9, "one_big": 13, "grow_forever": 19}
+MEMORY_LIMIT = 1_000_000_000
+
+SETUP = f"""\
+import json, os, time
+import dask, numpy as np, scipy.sparse as sp
+dask.config.set({{"distributed.scheduler.allowed-failures": 0}})
+from distributed import Client, LocalCluster
+import memguard.dask as mgd
+cluster = LocalCluster(processes=True, n_workers=2, threads_per_worker=1,
+                       memory_limit={MEMORY_LIMIT}, dashboard_address=None, silence_logs=50)
+client = Client(cluster)
+client.wait_for_workers(2)
+"""
+
+# Run in a worker (client.run, which passes dask_worker): memguard's state there, and whether
+# a 50 MB array is counted.
+PROBE = """\
+def probe(dask_worker=None):
+    import os, threading
+    import numpy as np
+    import memguard.dask
+    from memguard import _core, coreview, sparse
+    from memguard._state import STATE
+    before = coreview.snapshot(_core).tracked
+    a = np.ones(50_000_000 // 8)
+    counted = coreview.snapshot(_core).tracked - before >= 40_000_000
+    del a
+    return {"loaded": STATE.loaded, "monitor": coreview.monitor_stats(_core).running,
+            "counting": counted,
+            "sparse": sparse.installed() or any(isinstance(f, sparse._ImportWatcher)
+                                                for f in __import__("sys").meta_path),
+            "threads": sorted(t.name for t in threading.enumerate() if "memguard" in t.name),
+            "box": os.path.exists(memguard.dask.box_path(os.getpid())),
+            "plugin": "memguard" in dask_worker.plugins, "pid": os.getpid()}
+"""
+
+
+@pytest.fixture
+def dask_kernel(kernel):
+    """The kernel with a 2-worker LocalCluster (process workers, 1 thread each, 1 GB each)
+    as ``client``/``cluster``, and the task functions defined in one cell; yields
+    (kernel, that cell's execution count)."""
+    kernel.execute(SETUP, timeout=180)
+    defined = kernel.execute(FUNCTIONS)
+    kernel.execute(PROBE)
+    yield kernel, defined.execution_count
+    kernel.execute("client.close(); cluster.close()", ok=False, timeout=60)
+
+
+def _value(kernel, expr):
+    """The JSON value of ``expr`` evaluated in the kernel."""
+    ex = kernel.execute(f"print(json.dumps({expr}))")
+    return json.loads(ex.stdout.strip().splitlines()[-1])
+
+
+def _task_alerts(ex, kind, task):
+    """The latest state of each ``kind`` alert about ``task`` under the cell of ``ex``."""
+    latest = {}
+    for _, _, alert, msg in ex.alerts_of(kind):
+        if alert.get("task") == task:
+            latest[msg["content"]["transient"]["display_id"]] = alert
+    return list(latest.values())
+
+
+def _assert_task_fields(alert, task, function, cell, line):
+    assert alert["task"] == task, alert
+    assert alert["function"] == function, alert
+    assert alert["cell"] == cell, alert
+    assert alert["line"] == line, alert
+    assert alert["worker"].startswith("tcp://"), alert
+    assert alert["limit_source"] == "dask worker memory_limit", alert
+    assert alert["limit"] == int(MEMORY_LIMIT * 0.95), alert  # the nanny's terminate fraction
+    assert alert["message"], alert
+
+
+def test_sparse_to_dense_in_a_task_is_reported_with_key_function_and_line(dask_kernel):
+    kernel, cell = dask_kernel
+    kernel.execute('mgd.install(client, budget="100MB")')
+    ex = kernel.execute('client.submit(densify, 2000, 10000, key="densify-1").result()')
+    alerts = _task_alerts(ex, "sparse_to_dense", "densify-1")
+    assert len(alerts) == 1, ex.alerts
+    alert = alerts[0]
+    _assert_task_fields(alert, "densify-1", "densify", cell, LINES["densify"])
+    assert alert["dense_bytes"] == 2000 * 10000 * 8
+    assert alert["shape"] == [2000, 10000] and alert["format"] == "csr"
+    assert alert["budget"] == 100 * 10**6
+    assert "task" in alert["message"] and "cell" not in alert["message"], alert["message"]
+    # The same bundle as in a kernel: text names the task, HTML is memguard's box.
+    msg = next(m for _, _, a, m in ex.alerts_of("sparse_to_dense") if a["task"] == "densify-1")
+    data = msg["content"]["data"]
+    assert "task 'densify-1', densify() on worker tcp://" in data["text/plain"]
+    assert 'class="memguard-alert memguard-sparse_to_dense"' in data["text/html"]
+
+
+def test_accumulation_in_a_task_is_reported_at_the_append_line(dask_kernel):
+    kernel, cell = dask_kernel
+    kernel.execute('mgd.install(client, budget="300MB")')
+    ex = kernel.execute('client.submit(keep_parts, 6, 40_000_000, key="keep-1").result()')
+    alerts = _task_alerts(ex, "accumulation", "keep-1")
+    assert len(alerts) == 1, ex.alerts
+    alert = alerts[0]
+    _assert_task_fields(alert, "keep-1", "keep_parts", cell, LINES["keep_parts"])
+    # The final figures when the task ended: six 40 MB parts alive.
+    assert alert["count"] == 6, alert
+    assert 240_000_000 <= alert["retained_bytes"] < 241_000_000, alert
+    # The computing cell's record in memguard's history counts the worker's alert.
+    history = _value(kernel, "__import__('memguard').history()[-1]['alerts']")
+    assert "accumulation" in history
+
+
+def test_raise_mode_fails_the_task_with_memguards_message_and_the_worker_lives(dask_kernel):
+    kernel, cell = dask_kernel
+    kernel.execute('mgd.install(client, budget="100MB", mode="raise")')
+    before = _value(kernel, "sorted(client.run(os.getpid).items())")
+    ex = kernel.execute('client.submit(one_big, 200_000_000, key="big-1").result()', ok=False)
+    error = ex.error
+    assert error is not None and error["ename"] == "MemoryError", error
+    assert error["evalue"].startswith("memguard (raise mode) refused an allocation of 200 MB "
+                                      "for an array with shape (25000000,) and dtype float64 "
+                                      f"at line {LINES['one_big']} in task 'big-1' (one_big)"), error
+    assert "over its budget of 100 MB" in error["evalue"]
+    assert "the worker is fine" in error["evalue"]
+    refused = [a for a in _task_alerts(ex, "budget", "big-1") if a.get("refused")]
+    assert refused, ex.alerts
+    _assert_task_fields(refused[0], "big-1", "one_big", cell, LINES["one_big"])
+    after = _value(kernel, "sorted(client.run(os.getpid).items())")
+    assert after == before  # same workers, same pids: nothing died
+    # And the worker still computes.
+    ok = kernel.execute('print(client.submit(one_big, 8_000_000, key="small-1").result())')
+    assert ok.stdout.strip() == "1000000.0"
+
+
+def test_a_task_the_nanny_kills_gives_a_crash_report_with_key_and_line(dask_kernel):
+    kernel, cell = dask_kernel
+    kernel.execute("mgd.install(client)")
+    ex = kernel.execute('client.submit(grow_forever, 50_000_000, key="grow-1").result()',
+                        ok=False, timeout=180)
+    assert ex.error is not None and ex.error["ename"] == "KilledWorker", ex.error
+    reports = _task_alerts(ex, "crash_report", "grow-1")
+    assert len(reports) == 1, ex.alerts
+    report = reports[0]
+    _assert_task_fields(report, "grow-1", "grow_forever", cell, LINES["grow_forever"])
+    # The peak against the worker's limit: the nanny terminates at 95% of memory_limit.
+    assert report["peak"] >= 0.85 * MEMORY_LIMIT, report
+    assert "grow-1" in report["message"] and "memory_limit" in " ".join(report["suggestions"])
+    assert any(row[2] and "held.append" in row[1] for row in report["source"]), report["source"]
+    # It came before the cell's error, i.e. with the KilledWorker, under this cell.
+    data = next(m for _, _, a, m in ex.alerts_of("crash_report"))["content"]["data"]
+    assert "a Dask worker died" in data["text/html"]
+    assert "post-crash report" in data["text/plain"]
+
+
+def test_workers_added_after_install_are_guarded(dask_kernel):
+    kernel, cell = dask_kernel
+    kernel.execute("mgd.install(client, budget='300MB')")
+    kernel.execute("old = set(client.scheduler_info()['workers']); cluster.scale(3); "
+                   "client.wait_for_workers(3)", timeout=180)
+    new = _value(kernel, "sorted(set(client.scheduler_info()['workers']) - old)")
+    assert len(new) == 1
+    # The plugin reaches a new worker while it registers; wait for its setup, no fixed sleep.
+    kernel.execute(f"""
+deadline = time.monotonic() + 60
+while not client.run(probe, workers={new!r})[{new[0]!r}]["loaded"]:
+    assert time.monotonic() < deadline, "the new worker never loaded memguard"
+    time.sleep(0.1)
+""")
+    states = _value(kernel, "client.run(probe)")
+    assert len(states) == 3
+    for state in states.values():
+        assert state["loaded"] and state["monitor"] and state["counting"], state
+    ex = kernel.execute(f'client.submit(keep_parts, 6, 40_000_000, key="keep-new", '
+                        f'workers={new!r}).result()')
+    alerts = _task_alerts(ex, "accumulation", "keep-new")
+    assert len(alerts) == 1 and alerts[0]["worker"] == new[0], ex.alerts
+
+
+def test_uninstall_leaves_no_hook_in_any_worker(dask_kernel):
+    kernel, cell = dask_kernel
+    kernel.execute("mgd.install(client, budget='300MB')")
+    installed = _value(kernel, "client.run(probe)")
+    assert len(installed) == 2
+    for state in installed.values():
+        assert state["loaded"] and state["monitor"] and state["counting"], state
+        assert state["sparse"] and state["box"] and state["plugin"], state
+        assert state["threads"] == ["memguard-relay"], state
+    kernel.execute('client.submit(keep_parts, 3, 1_000_000, key="warm-1").result()')
+    kernel.execute("mgd.uninstall(client)")
+    removed = _value(kernel, "client.run(probe)")
+    assert sorted(s["pid"] for s in removed.values()) == sorted(
+        s["pid"] for s in installed.values())
+    for state in removed.values():
+        assert not state["loaded"] and not state["monitor"] and not state["counting"], state
+        assert not state["sparse"] and not state["box"] and not state["plugin"], state
+        assert state["threads"] == [], state
+    # Nothing is reported any more.
+    ex = kernel.execute('client.submit(keep_parts, 6, 40_000_000, key="keep-after").result()')
+    assert not ex.alerts, ex.alerts
+
+
+def test_magic_installs_on_the_notebooks_client_and_rejects_mistakes(dask_kernel):
+    kernel, cell = dask_kernel
+    ex = kernel.execute("%memguard dask install 300MB")
+    assert "memguard: installed on 2 workers" in ex.stdout and "budget 300MB" in ex.stdout
+    assert all(s["loaded"] for s in _value(kernel, "client.run(probe)").values())
+    bad = kernel.execute("%memguard dask install lots", ok=False)
+    assert bad.error is not None and "UsageError" in bad.error["ename"], bad.error
+    ex = kernel.execute("%memguard dask uninstall")
+    assert "memguard: removed" in ex.stdout
+    assert not any(s["loaded"] for s in _value(kernel, "client.run(probe)").values())
+
+
+def test_terminal_client_gets_the_text_form_on_stderr(tmp_path):
+    """A script (no kernel): the alert's text form on stderr, with the task's fields."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "script.py"
+    script.write_text(f"""\
+import numpy as np, time
+{FUNCTIONS}
+if __name__ == "__main__":
+    from distributed import Client, LocalCluster
+    import memguard.dask as mgd
+    with LocalCluster(processes=True, n_workers=1, threads_per_worker=1,
+                      memory_limit={MEMORY_LIMIT}, dashboard_address=None,
+                      silence_logs=50) as cluster, Client(cluster) as client:
+        side = mgd.install(client, budget="300MB")
+        client.submit(keep_parts, 6, 40_000_000, key="keep-script").result()
+        deadline = time.monotonic() + 30
+        while not side.events and time.monotonic() < deadline:
+            time.sleep(0.05)
+""")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=180)
+    assert out.returncode == 0, out.stderr
+    # The script's own lines (FUNCTIONS starts on its line 2); no cell outside a kernel.
+    assert ("memguard: memory kept alive in a loop (line 10, task 'keep-script', keep_parts() "
+            "on worker tcp://") in out.stderr, out.stderr
