@@ -69,6 +69,7 @@ import json
 import os
 import platform
 import queue
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -156,6 +157,10 @@ def cell_source(name):
 
 class CellFailed(RuntimeError):
     pass
+
+
+class _Skip(Exception):
+    """Only the launcher row was asked for."""
 
 
 def execute(kc, code, timeout=CELL_TIMEOUT):
@@ -340,6 +345,74 @@ def print_table(summaries):
           "and send -> client); body = cell work after t0.")
 
 
+# --- the GIL-held row through memguard's kernel launcher ------------------------------------
+# json.loads of a 230 MB document building about 1.5 GB of Python objects (C holding the GIL
+# for several seconds) under a 200 MB budget, in a kernel started from the launcher
+# kernelspec (`python -m memguard install --kernelspec`, into a temporary prefix). Latency is
+# from the crossing (the C record's CLOCK_MONOTONIC stamp, which the launcher puts in the
+# message's metadata as memguard.t_event) to the client receiving the first budget alert.
+LAUNCHER_SETUP = ("import json\n"
+                  "doc = '[' + ','.join(['[1234567,1234568,\"abcdefgh\"]'] * 7_000_000) + ']'")
+LAUNCHER_CELL = f"%%memguard {BUDGET}\nobj = json.loads(doc)\ndel obj\n"
+
+
+def launcher_gil_row(runs):
+    """Run the json.loads cell ``runs`` times behind the launcher; returns its summary."""
+    import tempfile
+
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import KernelManager
+
+    with tempfile.TemporaryDirectory() as prefix:
+        subprocess.run([sys.executable, "-m", "memguard", "install", "--kernelspec",
+                        "bench-launcher", "--prefix", prefix], check=True, capture_output=True)
+        ksm = KernelSpecManager(kernel_dirs=[os.path.join(prefix, "share/jupyter/kernels")])
+        km = KernelManager(kernel_name="bench-launcher", kernel_spec_manager=ksm)
+        km.start_kernel()
+        kc = km.client()
+        kc.start_channels()
+        lat, in_call = [], 0
+        try:
+            kc.wait_for_ready(timeout=90)
+            execute(kc, LAUNCHER_SETUP)
+            for i in range(runs + 1):  # the first is a warm-up
+                msg_id = kc.execute(LAUNCHER_CELL)
+                first = idle = None
+                deadline = mono() + CELL_TIMEOUT
+                while idle is None and mono() < deadline:
+                    try:
+                        msg = kc.get_iopub_msg(timeout=max(0.1, deadline - mono()))
+                    except queue.Empty:
+                        continue
+                    recv = mono()
+                    if msg["parent_header"].get("msg_id") != msg_id:
+                        continue
+                    alert = msg["content"].get("data", {}).get(MIME) or {}
+                    if first is None and alert.get("kind") == "budget":
+                        first = (recv, msg["metadata"].get("memguard", {}).get("t_event"))
+                    if msg["msg_type"] == "status" and \
+                            msg["content"]["execution_state"] == "idle":
+                        idle = recv
+                kc.get_shell_msg(timeout=CELL_TIMEOUT)
+                if i == 0 or first is None or first[1] is None:
+                    continue
+                lat.append((first[0] - first[1]) * 1e3)
+                in_call += first[0] < idle - 0.5
+        finally:
+            kc.stop_channels()
+            km.shutdown_kernel(now=False)
+    p99 = percentile(lat, 99)
+    return {"scenario": "launcher_json", "main_thread": "json.loads ~1.5 GB (launcher)",
+            "gil": "held by C", "runs": runs, "alerts": len(lat), "missing": runs - len(lat),
+            "late": runs - in_call, "line_wrong": 0, "after_body_end": runs - in_call,
+            "p50_ms": percentile(lat, 50), "p99_ms": p99, "max_ms": max(lat) if lat else None,
+            "min_ms": min(lat) if lat else None, "publish_p50_ms": None,
+            "publish_max_ms": None, "delivery_p50_ms": None, "delivery_max_ms": None,
+            "body_p50_ms": None, "target_p99_ms": TARGET_MS,
+            "meets_target": p99 is not None and p99 <= TARGET_MS and len(lat) == runs,
+            "latency_from": "the crossing (C record's t_event)"}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Latency from a budget-crossing allocation to memguard's IOPub alert "
@@ -355,23 +428,31 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "alert_latency.json",
                         help="where to write the JSON figures (default build/alert_latency.json)")
     parser.add_argument("--kernel", default="python3", help="kernelspec name (default python3)")
+    parser.add_argument("--launcher-runs", type=int, default=10,
+                        help="runs of the GIL-held json.loads row through memguard's launcher "
+                             "(default 10; 0 skips it)")
+    parser.add_argument("--launcher-only", action="store_true",
+                        help="run only the launcher row")
     args = parser.parse_args(argv)
     runs = 5 if args.quick else args.runs
     if runs < 1:
         parser.error("--runs must be >= 1")
-    names = args.scenario or list(SCENARIOS)
+    names = [] if args.launcher_only else (args.scenario or list(SCENARIOS))
 
     started = time.monotonic()
     load_before = os.getloadavg()
     if load_before[0] > 0.5:
         print(f"[bench] note: load average {load_before[0]:.2f} before starting: other work on "
               f"this machine's {os.cpu_count()} CPUs will show in the figures", flush=True)
-    print(f"[bench] starting kernel {args.kernel!r}", flush=True)
-    km, kc = start_new_kernel(kernel_name=args.kernel, startup_timeout=60)
     results = {}
     env = None
     failed = False
+    if names:
+        print(f"[bench] starting kernel {args.kernel!r}", flush=True)
+        km, kc = start_new_kernel(kernel_name=args.kernel, startup_timeout=60)
     try:
+        if not names:
+            raise _Skip()
         load = execute(kc, "%load_ext memguard")
         if "loaded" not in load["stdout"]:
             raise CellFailed(f"memguard did not load: {load['stdout']!r} {load['stderr']!r} "
@@ -391,14 +472,24 @@ def main(argv=None):
             print(f"[bench] {name}: {len(lat)}/{runs} alerts, "
                   f"median {fmt(percentile(lat, 50), 0)} ms, "
                   f"{time.monotonic() - t_scn:.0f} s", flush=True)
+    except _Skip:
+        pass
     except CellFailed as exc:
         print(f"[bench] error: {exc}", file=sys.stderr)
         failed = True
     finally:
-        kc.stop_channels()
-        km.shutdown_kernel(now=False)
+        if names:
+            kc.stop_channels()
+            km.shutdown_kernel(now=False)
 
     summaries = [summarise(n, results[n]) for n in names if n in results]
+    if args.launcher_runs > 0:
+        print(f"[bench] launcher_json: {args.launcher_runs} runs behind memguard's launcher",
+              flush=True)
+        row = launcher_gil_row(args.launcher_runs)
+        summaries.append(row)
+        if not row["meets_target"]:
+            failed = True
     print()
     print_table(summaries)
     elapsed = time.monotonic() - started
