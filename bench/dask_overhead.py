@@ -1,0 +1,109 @@
+"""What memguard on the Dask workers costs: wall time of a dask.array chunked reduction and
+a dask.dataframe group-by on a LocalCluster (2 process workers, 1 thread each), plain and
+with ``memguard.dask.install(client)``.
+
+Run: ``python bench/dask_overhead.py [--quick] [--rounds N]`` (``make bench-dask``, part of
+``make bench``).
+
+Each configuration gets a fresh cluster (memguard's NumPy handler stays in a worker after
+uninstall, passing through, so a worker that had memguard is not "plain" any more). The
+configurations run in the order plain, memguard, memguard, plain (ABBA), so a drift of the
+machine's load during the run weighs on both; each workload's figure is the best of its
+rounds (the least disturbed run) per configuration. The target is a ratio of at most 1.03
+(README, "Dask"); it is reported, not asserted: wall time on a shared 2-core machine moves
+by several percent. Writes build/bench_dask.json.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+
+TARGET = 1.03
+
+
+def array_reduction(n, chunk):
+    """A chunked reduction: mean of x + x.T over a random n x n array, per column."""
+    import dask.array as da
+
+    x = da.random.default_rng(0).random((n, n), chunks=(chunk, chunk))
+    return lambda: (x + x.T).mean(axis=0).sum().compute()
+
+
+def dataframe_groupby(rows, partitions):
+    """A group-by: per-key mean and count of a random frame of ``rows`` rows."""
+    import dask.dataframe as dd
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    pdf = pd.DataFrame({"key": rng.integers(0, 1000, rows), "a": rng.random(rows),
+                        "b": rng.random(rows)})
+    df = dd.from_pandas(pdf, npartitions=partitions).persist()
+    return lambda: df.groupby("key").agg({"a": "mean", "b": "count"}).compute()
+
+
+def run(config, workloads, rounds):
+    """Best wall time (s) of each workload over ``rounds`` on a fresh cluster."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(processes=True, n_workers=2, threads_per_worker=1,
+                      dashboard_address=None, silence_logs=50) as cluster, \
+            Client(cluster) as client:
+        if config == "memguard":
+            import memguard.dask
+
+            memguard.dask.install(client)
+        best = {}
+        for name, (make, args) in workloads.items():
+            compute = make(*args)
+            compute()  # warm-up: imports, first-touch of the workers' memory
+            times = []
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                compute()
+                times.append(time.perf_counter() - t0)
+            best[name] = min(times)
+        if config == "memguard":
+            memguard.dask.uninstall(client)
+    return best
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller inputs, fewer rounds")
+    parser.add_argument("--rounds", type=int, default=None)
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", message="Sending large graph")  # from_pandas's frame
+    rounds = args.rounds or (3 if args.quick else 7)
+    workloads = {
+        "dask.array chunked reduction": (array_reduction, (4000, 500) if args.quick
+                                         else (8000, 1000)),
+        "dask.dataframe group-by": (dataframe_groupby, (1_000_000, 8) if args.quick
+                                    else (4_000_000, 16)),
+    }
+    results = {"plain": [], "memguard": []}
+    for config in ("plain", "memguard", "memguard", "plain"):
+        results[config].append(run(config, workloads, rounds))
+        print(f"  {config}: " + ", ".join(f"{k} {v:.3f} s" for k, v in results[config][-1].items()),
+              file=sys.stderr)
+    table = {}
+    for name in workloads:
+        plain = min(r[name] for r in results["plain"])
+        guarded = min(r[name] for r in results["memguard"])
+        table[name] = {"plain_s": plain, "memguard_s": guarded, "ratio": guarded / plain}
+    print(f"{'workload':32} {'plain':>9} {'memguard':>9} {'ratio':>7}")
+    for name, row in table.items():
+        flag = "" if row["ratio"] <= TARGET else f"  (above the {TARGET} target)"
+        print(f"{name:32} {row['plain_s']:8.3f}s {row['memguard_s']:8.3f}s "
+              f"{row['ratio']:6.3f}x{flag}")
+    os.makedirs("build", exist_ok=True)
+    with open(os.path.join("build", "bench_dask.json"), "w") as fh:
+        json.dump({"rounds": rounds, "quick": args.quick, "target": TARGET,
+                   "workloads": table}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
