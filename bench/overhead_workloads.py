@@ -181,6 +181,78 @@ del AA, AtA, y, AB, H
 """),
 }
 
+# Native memory (docs/design.md, "Native memory"): libraries that allocate outside Python's
+# allocators, through memguard's GOT-patched native hooks. Group "native": reported, not
+# part of the python/numpy geomeans. Only listed when pyarrow, polars and torch import
+# (requirements/ci.txt pins them; a bench venv without them runs what it has).
+NATIVE_WORKLOADS = {
+    # An Arrow compute chain: arithmetic, a filter and a sort on int64/float64 columns.
+    "arrow_compute": ("native", {"full": (4_000_000, 3), "quick": (2_000_000, 2),
+                                 "callgrind": (100_000, 1)}, """
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+x = pa.array(np.arange(N, dtype=np.int64))
+y = pa.array(np.random.default_rng(0).random(N))
+""", """
+for _r in range(R):
+    z = pc.add(pc.multiply(x, 3), 1)
+    w = pc.multiply(y, pc.cast(z, pa.float64()))
+    kept = pc.filter(w, pc.greater(y, 0.5))
+    order = pc.sort_indices(kept)
+del z, w, kept, order
+"""),
+    # A polars group-by: 64 groups, sum/mean/count over two columns.
+    "polars_groupby": ("native", {"full": (4_000_000, 3), "quick": (2_000_000, 2),
+                                  "callgrind": (100_000, 1)}, """
+import polars as pl
+df = pl.DataFrame({"k": pl.int_range(0, N, eager=True) % 64,
+                   "a": pl.int_range(0, N, eager=True) * 2,
+                   "b": pl.int_range(0, N, eager=True).cast(pl.Float64)})
+""", """
+for _r in range(R):
+    out = df.group_by("k").agg(pl.col("a").sum(), pl.col("b").mean(), pl.len())
+del out
+"""),
+    # torch CPU ops: allocation-heavy elementwise chains and a matmul.
+    "torch_cpu": ("native", {"full": (2_000, 20), "quick": (1_000, 20), "callgrind": (200, 2)},
+                  """
+import torch
+torch.manual_seed(0)
+a = torch.rand(N, N)
+""", """
+for _r in range(R):
+    b = (a * 2 + 1).relu()
+    c = b @ a
+    d = torch.cat([c, b]).sum(dim=0)
+del b, c, d
+"""),
+    # A sqlite bulk insert into an in-memory table (page cache through malloc).
+    "sqlite_insert": ("native", {"full": (200_000, 3), "quick": (100_000, 2),
+                                 "callgrind": (5_000, 1)}, """
+import sqlite3
+rows = [(i, f"name-{i}", i * 0.5) for i in range(N)]
+""", """
+for _r in range(R):
+    con = sqlite3.connect(":memory:")
+    con.execute("create table t(id integer primary key, name text, v real)")
+    con.executemany("insert into t values (?, ?, ?)", rows)
+    con.commit()
+    con.close()
+del con
+"""),
+}
+
+
+def _native_available():
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("pyarrow", "polars", "torch"))
+
+
+if _native_available():
+    WORKLOADS.update(NATIVE_WORKLOADS)
+
 NOTEBOOK_SETUP = """
 import time
 import anndata as ad
