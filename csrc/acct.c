@@ -2,6 +2,7 @@
  * Hooks of any thread update it; Python (GIL held) starts cells; the monitor reads it. */
 #include <sched.h>
 #include <stdatomic.h>
+#include <unistd.h>
 
 #include "mg_acct.h"
 #include "mg_measures.h"
@@ -42,6 +43,9 @@ static _Atomic int s_raise = 0;
 static _Atomic int64_t s_limit = 0;
 static _Atomic int s_limit_measure = MG_MEASURE_RSS;
 static _Atomic int64_t s_limit_ppm = 900000; /* alert fraction in millionths (0.9) */
+/* The reserve kept below the limit for what raise mode cannot refuse (reserve_for): written
+ * by mg_acct_set_limit with s_limit (relaxed, GIL held); read by hooks (relaxed). */
+static _Atomic int64_t s_reserve = 0;
 /* The last refusal: fields written by the refusing hook (relaxed), then s_ref_count
  * (release); Python reads s_ref_count (acquire), then the fields. Two refusals racing in
  * two threads may mix fields; the message is then about one of them. */
@@ -50,6 +54,7 @@ static _Atomic int64_t s_ref_bytes = 0;
 static _Atomic int s_ref_reason = 0;
 static _Atomic int32_t s_ref_line = -1;
 static _Atomic int64_t s_ref_epoch = 0;
+static _Atomic int64_t s_ref_used = 0;
 
 void mg_acct_set_enabled(int enabled)
 {
@@ -175,6 +180,11 @@ MG_HOOKSAFE int64_t mg_acct_cell_usage(void)
     return tracked_sum() - v.start;
 }
 
+MG_HOOKSAFE int64_t mg_acct_tracked(void)
+{
+    return tracked_sum();
+}
+
 MG_HOOKSAFE int64_t mg_acct_budget(void)
 {
     return atomic_load_explicit(&s_budget, memory_order_relaxed);
@@ -240,11 +250,62 @@ MG_HOOKSAFE int mg_acct_raise(void)
     return atomic_load_explicit(&s_raise, memory_order_relaxed);
 }
 
+int64_t mg_acct_reserve_for(int64_t limit, long cpus)
+{
+    int64_t reserve;
+
+    if (limit <= 0)
+        return 0;
+    if (cpus < 1)
+        cpus = 1;
+    /* docs/design.md, "Limits and measures", the reserve: 32 MiB for what a refused cell
+     * allocates once it is refused (the error, its traceback rendered and published, the
+     * alert: at most 7.2 MiB measured, so four times that, rounded), limit/256 for the page
+     * tables of the memory under the limit (8 bytes per 4 KiB page, 1/512, twice over), and
+     * 64 pages per CPU (the charges a memory cgroup batches per CPU before its usage shows
+     * them). At most a quarter of a small limit. */
+    reserve = ((int64_t)32 << 20) + limit / 256 + (int64_t)cpus * 64 * 4096;
+    return reserve < limit / 4 ? reserve : limit / 4;
+}
+
 void mg_acct_set_limit(int64_t bytes, int measure, double fraction)
 {
+    long cpus = sysconf(_SC_NPROCESSORS_CONF);
+
     atomic_store_explicit(&s_limit_measure, measure, memory_order_relaxed);
     atomic_store_explicit(&s_limit_ppm, (int64_t)(fraction * 1e6 + 0.5), memory_order_relaxed);
+    atomic_store_explicit(&s_reserve, mg_acct_reserve_for(bytes, cpus), memory_order_relaxed);
     atomic_store_explicit(&s_limit, bytes > 0 ? bytes : 0, memory_order_relaxed);
+}
+
+MG_HOOKSAFE int64_t mg_acct_limit_used(void)
+{
+    int m = atomic_load_explicit(&s_limit_measure, memory_order_relaxed);
+
+    return mg_measures_estimate((mg_measure_t)m, tracked_sum());
+}
+
+/* Whether a request of n bytes would leave less than reserve/2^shift under the limit: shift
+ * 0 for NumPy data, 1 for the Python heap, whose line is half the reserve nearer the limit
+ * so that, after a NumPy refusal, the error's handling and the next cells still have Python
+ * heap to run on (docs/design.md, "Limits and measures"). */
+static int over_limit(size_t n, int shift)
+{
+    int64_t limit = atomic_load_explicit(&s_limit, memory_order_relaxed);
+    int64_t reserve = atomic_load_explicit(&s_reserve, memory_order_relaxed);
+
+    if (limit <= 0)
+        return 0;
+    if (n > (size_t)limit)
+        return 1;
+    return mg_acct_limit_used() + (int64_t)n > limit - (reserve >> shift);
+}
+
+MG_HOOKSAFE mg_refusal_t mg_acct_check_limit(size_t n)
+{
+    if (!atomic_load_explicit(&s_raise, memory_order_relaxed))
+        return MG_REFUSE_NONE;
+    return over_limit(n, 1) ? MG_REFUSE_LIMIT : MG_REFUSE_NONE;
 }
 
 void mg_acct_get_limit(int64_t *bytes, int *measure, double *fraction)
@@ -257,21 +318,12 @@ void mg_acct_get_limit(int64_t *bytes, int *measure, double *fraction)
 MG_HOOKSAFE mg_refusal_t mg_acct_check_request(size_t n)
 {
     cell_view_t v;
-    int64_t limit = atomic_load_explicit(&s_limit, memory_order_relaxed);
 
     /* A read overlapping a cell start refuses nothing on the budget (never wrongly). */
     if (atomic_load_explicit(&s_raise, memory_order_relaxed) && cell_read(&v) &&
         v.budget > 0 && tracked_sum() - v.start + (int64_t)n > v.budget)
         return MG_REFUSE_BUDGET;
-    if (limit > 0) {
-        int m = atomic_load_explicit(&s_limit_measure, memory_order_relaxed);
-        int64_t used = mg_measures_used((mg_measure_t)m);
-
-        /* used is 0 until the first sample: then only a request beyond the whole limit. */
-        if (used + (int64_t)n > limit)
-            return MG_REFUSE_LIMIT;
-    }
-    return MG_REFUSE_NONE;
+    return over_limit(n, 0) ? MG_REFUSE_LIMIT : MG_REFUSE_NONE;
 }
 
 MG_HOOKSAFE void mg_acct_note_refusal(size_t n, mg_refusal_t reason, int32_t line)
@@ -281,6 +333,7 @@ MG_HOOKSAFE void mg_acct_note_refusal(size_t n, mg_refusal_t reason, int32_t lin
     atomic_store_explicit(&s_ref_line, line, memory_order_relaxed);
     atomic_store_explicit(&s_ref_epoch, atomic_load_explicit(&s_epoch, memory_order_relaxed),
                           memory_order_relaxed);
+    atomic_store_explicit(&s_ref_used, mg_acct_limit_used(), memory_order_relaxed);
     atomic_fetch_add_explicit(&s_ref_count, 1, memory_order_release);
 }
 
@@ -291,6 +344,8 @@ void mg_acct_refusal(mg_acct_refusal_t *out)
     out->reason = atomic_load_explicit(&s_ref_reason, memory_order_relaxed);
     out->line = atomic_load_explicit(&s_ref_line, memory_order_relaxed);
     out->epoch = atomic_load_explicit(&s_ref_epoch, memory_order_relaxed);
+    out->used = atomic_load_explicit(&s_ref_used, memory_order_relaxed);
+    out->reserve = atomic_load_explicit(&s_reserve, memory_order_relaxed);
 }
 
 void mg_acct_reset(void)

@@ -57,6 +57,24 @@ MG_HOOKSAFE int mg_hooks_refuse(int was, size_t n)
     return 1;
 }
 
+MG_HOOKSAFE int mg_hooks_refuse_heap(int was, size_t n)
+{
+    int32_t line;
+
+    if (was || !mg_acct_enabled() || mg_acct_check_limit(n) == MG_REFUSE_NONE)
+        return 0;
+    /* Rare path (within the reserve of the limit): one frame walk. Only the cell's own
+     * code is refused; the kernel's machinery, memguard's relay and the error's handling
+     * after the cell's code unwound run on the reserve (docs/design.md, "Limits and
+     * measures"). */
+    line = mg_frames_cell_line();
+    if (line < 1)
+        return 0;
+    mg_acct_note_refusal(n, MG_REFUSE_LIMIT, line);
+    hooks_push(MG_KIND_REFUSED, line, (int64_t)n, (int64_t)MG_REFUSE_LIMIT);
+    return 1;
+}
+
 MG_HOOKSAFE void mg_hooks_count_alloc(mg_domain_t d, size_t n, void *p)
 {
     int line = LINE_UNREAD;

@@ -5,7 +5,9 @@
 #include "mg_reentry.h"
 #include "mg_hooks.h"
 
+#include <malloc.h>
 #include <stdatomic.h>
+#include <stdint.h>
 #include <string.h>
 
 /* The RAW allocators we wrapped, one slot per distinct allocator below us. A RAW call runs
@@ -49,8 +51,13 @@ static void *raw_malloc(void *ctx, size_t n)
 {
     const PyMemAllocatorEx *prev = raw_prev(ctx);
     int was = mg_reentry_enter();
-    void *p = prev->malloc(prev->ctx, n);
+    void *p;
 
+    if (mg_hooks_refuse_heap(was, n)) { /* raise mode, within the limit's reserve */
+        mg_reentry_leave(was);
+        return NULL;
+    }
+    p = prev->malloc(prev->ctx, n);
     if (t_probe)
         t_probe = 2;
     mg_hooks_after_alloc(was, MG_DOMAIN_RAW, p);
@@ -62,7 +69,14 @@ static void *raw_calloc(void *ctx, size_t nelem, size_t elsize)
 {
     const PyMemAllocatorEx *prev = raw_prev(ctx);
     int was = mg_reentry_enter();
-    void *p = prev->calloc(prev->ctx, nelem, elsize);
+    void *p;
+
+    /* An overflowing product is left to calloc, which fails it. */
+    if ((elsize == 0 || nelem <= SIZE_MAX / elsize) && mg_hooks_refuse_heap(was, nelem * elsize)) {
+        mg_reentry_leave(was);
+        return NULL;
+    }
+    p = prev->calloc(prev->ctx, nelem, elsize);
 
     mg_hooks_after_alloc(was, MG_DOMAIN_RAW, p);
     mg_reentry_leave(was);
@@ -74,9 +88,16 @@ static void *raw_realloc(void *ctx, void *ptr, size_t n)
     const PyMemAllocatorEx *prev = raw_prev(ctx);
     int was = mg_reentry_enter();
     int count = mg_hooks_counting(was);
-    size_t old = mg_hooks_realloc_old(count, ptr);
-    void *p = prev->realloc(prev->ctx, ptr, n);
+    size_t cur = (count && ptr != NULL) ? malloc_usable_size(ptr) : 0;
+    size_t old;
+    void *p;
 
+    if (count && n > cur && mg_hooks_refuse_heap(was, n - cur)) {
+        mg_reentry_leave(was);
+        return NULL; /* the old block stays valid, as after a failed realloc */
+    }
+    old = mg_hooks_realloc_old(count, ptr);
+    p = prev->realloc(prev->ctx, ptr, n);
     mg_hooks_after_realloc(count, MG_DOMAIN_RAW, old, p);
     mg_reentry_leave(was);
     return p;
@@ -96,7 +117,14 @@ static void *arena_alloc(void *ctx, size_t n)
 {
     PyObjectArenaAllocator *prev = ctx;
     int was = mg_reentry_enter();
-    void *p = prev->alloc(prev->ctx, n);
+    void *p;
+
+    /* A refused arena: pymalloc falls back to PyMem_RawMalloc, judged by raw_malloc. */
+    if (mg_hooks_refuse_heap(was, n)) {
+        mg_reentry_leave(was);
+        return NULL;
+    }
+    p = prev->alloc(prev->ctx, n);
 
     /* Arenas come from mmap, not malloc: count the size CPython asked for. */
     if (p != NULL && !was && mg_acct_enabled())

@@ -40,6 +40,10 @@ MG_HOOKSAFE void mg_acct_free(mg_domain_t d, size_t n);
 /* The current cell's usage in bytes: tracked - cell_start. Hook-safe. */
 MG_HOOKSAFE int64_t mg_acct_cell_usage(void);
 
+/* Live tracked bytes, every domain (may be < 0: blocks allocated before install and freed
+ * since). Hook-safe. */
+MG_HOOKSAFE int64_t mg_acct_tracked(void);
+
 /* The current cell's budget in bytes (0 = none). Hook-safe. */
 MG_HOOKSAFE int64_t mg_acct_budget(void);
 
@@ -74,10 +78,29 @@ MG_HOOKSAFE int mg_acct_raise(void);
 void mg_acct_set_limit(int64_t bytes, int measure, double fraction);
 void mg_acct_get_limit(int64_t *bytes, int *measure, double *fraction);
 
+/* The reserve raise mode keeps below a limit of `limit` bytes on a machine with `cpus`
+ * CPUs, for what it cannot refuse (docs/design.md, "Limits and measures"): 32 MiB +
+ * limit/256 + 256 KiB per CPU, at most limit/4; 0 without a limit. mg_acct_set_limit
+ * applies it. Any thread. */
+int64_t mg_acct_reserve_for(int64_t limit, long cpus);
+
+/* The limit's measure as raise mode judges it: mg_measures_estimate of the limit's measure
+ * for the live tracked bytes. Hook-safe. */
+MG_HOOKSAFE int64_t mg_acct_limit_used(void);
+
+/* Judge a Python-heap request (RAW or arena) of n bytes: MG_REFUSE_LIMIT when raise mode
+ * is on and mg_acct_limit_used() + n would leave less than half the reserve under the limit
+ * (NumPy data is refused at the whole reserve, so a NumPy refusal leaves the Python heap
+ * room for the error's handling and the next cells),
+ * else MG_REFUSE_NONE. No budget here: only NumPy data is refused for a budget. Hook-safe:
+ * one relaxed load when raise mode is off. */
+MG_HOOKSAFE mg_refusal_t mg_acct_check_limit(size_t n);
+
 /* Judge a request of n bytes before it is made: MG_REFUSE_BUDGET when raise mode is on and
- * the cell's usage + n exceeds its budget, MG_REFUSE_LIMIT when the limit's latest sample +
- * n exceeds the limit (in any mode: the caller refuses only in raise mode, and otherwise
- * flags it), else MG_REFUSE_NONE. Budget first: it is the user's own setting. Hook-safe. */
+ * the cell's usage + n exceeds its budget, MG_REFUSE_LIMIT when mg_acct_limit_used() + n
+ * would leave less than the reserve under the limit, or n alone exceeds it (in any mode: the
+ * caller refuses only in raise mode, and otherwise flags it), else MG_REFUSE_NONE. Budget
+ * first: it is the user's own setting. Hook-safe. */
 MG_HOOKSAFE mg_refusal_t mg_acct_check_request(size_t n);
 
 /* The last refused request, for the MemoryError message: how many refusals so far (a
@@ -89,6 +112,8 @@ typedef struct mg_acct_refusal {
     int reason;     /* mg_refusal_t */
     int32_t line;   /* -1 if unknown */
     int64_t epoch;
+    int64_t used;    /* mg_acct_limit_used() when it was refused, bytes */
+    int64_t reserve; /* the reserve in force now (mg_acct_reserve_for), bytes */
 } mg_acct_refusal_t;
 MG_HOOKSAFE void mg_acct_note_refusal(size_t n, mg_refusal_t reason, int32_t line);
 void mg_acct_refusal(mg_acct_refusal_t *out);

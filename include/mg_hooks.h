@@ -24,6 +24,13 @@ MG_HOOKSAFE void mg_hooks_count_alloc(mg_domain_t d, size_t n, void *p);
  * `was` as from mg_reentry_enter: nested calls are never refused. Hook-safe. */
 MG_HOOKSAFE int mg_hooks_refuse(int was, size_t n);
 
+/* The same for a Python-heap request (a RAW block, or a pymalloc arena: pymalloc then falls
+ * back to RAW, which refuses too, and CPython raises MemoryError): in raise mode only, only
+ * for the limit (mg_acct_check_limit), and only while the cell's own code is running on
+ * this thread (mg_frames_cell_line finds its line; never without the GIL). Returns 1 to
+ * refuse. Hook-safe. */
+MG_HOOKSAFE int mg_hooks_refuse_heap(int was, size_t n);
+
 /* Count the free of p, n bytes in domain d, and take it off its site. Call before the real
  * free. Hook-safe. */
 MG_HOOKSAFE void mg_hooks_count_free(mg_domain_t d, size_t n, void *p);

@@ -18,6 +18,10 @@
  * -1 if they are not two numbers separated by one space. Any thread. */
 int mg_measures_parse_number(const char *buf, size_t len, size_t *used, int64_t *out);
 int mg_measures_parse_statm(const char *buf, size_t len, int64_t *vm_pages, int64_t *rss_pages);
+/* mg_measures_parse_stat: the value of `key` in a cgroup memory.stat ("key value" lines,
+ * cgroup-v2.rst and cgroup-v1/memory.rst): the line must be exactly the key, one space and
+ * the digits; -1 if there is no such line or the number does not fit in int64. */
+int mg_measures_parse_stat(const char *buf, size_t len, const char *key, int64_t *out);
 
 /* RSS in bytes now: the second field of /proc/self/statm (proc(5)) times the page size,
  * read with pread on a descriptor kept open (about 10 us; 14 us with open/read/close:
@@ -44,9 +48,22 @@ typedef enum mg_measure {
 } mg_measure_t;
 
 /* Use the cgroup usage file at path (opened once, read with pread) for MG_MEASURE_CGROUP;
- * NULL stops reading it. Returns 0, or -1 with errno from open(2). GIL held; the monitor
- * picks the new descriptor up at its next sample. */
+ * NULL stops reading it. The cgroup measure is the usage minus the reclaimable page cache
+ * that memory.stat, in the same directory, reports (v2 memory.current - inactive_file, v1
+ * memory.usage_in_bytes - total_inactive_file): what the cgroup's OOM killer acts on. A
+ * memory.stat that cannot be opened subtracts nothing. Returns 0, or -1 with errno from
+ * open(2) of path. GIL held; the monitor picks the new descriptors up at its next sample. */
 int mg_measures_set_cgroup_file(const char *path);
+
+/* What measure m will be once the tracked bytes (mg_acct_tracked, passed in) are all
+ * resident: tracked + the measure's untracked part, taken as the larger of its value at the
+ * last sample and at the running cell's start, never below 0. The last sample follows what
+ * no hook sees (native code, other processes of the cgroup); the cell-start value keeps
+ * counting blocks the cell allocated but has not touched yet (a calloc'd NumPy array is
+ * tracked at once, resident page by page), which make the sampled part look smaller. Live
+ * tracked bytes also cover what hooks counted since the last sample. Hook-safe: two relaxed
+ * loads (docs/design.md, "Limits and measures"). */
+MG_HOOKSAFE int64_t mg_measures_estimate(mg_measure_t m, int64_t tracked);
 
 /* The latest sample of measure m in bytes: 0 before the first sample; for the cgroup, the
  * last readable sample (a failed read keeps it; 0 if the file was never read). Hook-safe:

@@ -3,6 +3,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
+#include <unistd.h>
 
 #include "mg_acct.h"
 #include "mg_measures.h"
@@ -90,12 +91,29 @@ static void t_requests_are_refused_only_in_raise_mode_or_past_the_limit(void)
     mg_acct_set_raise(1);
     check_int(mg_acct_check_request(400), ==, MG_REFUSE_NONE);  /* 1000: not over */
     check_int(mg_acct_check_request(401), ==, MG_REFUSE_BUDGET);
-    /* The limit applies in both modes; the caller refuses only in raise mode. */
+    /* The limit applies in both modes, less its reserve; the caller refuses only in raise
+     * mode. No hook runs here, so the estimate stays put between the checks. */
     mg_measures_cell_begin();
-    mg_acct_set_limit(mg_measures_used(MG_MEASURE_RSS) + 10000, MG_MEASURE_RSS, 0.9);
-    mg_acct_set_raise(0);
-    check_int(mg_acct_check_request(9000), ==, MG_REFUSE_NONE);
-    check_int(mg_acct_check_request(20000), ==, MG_REFUSE_LIMIT);
+    {
+        int64_t limit = mg_acct_limit_used() + ((int64_t)1 << 30);
+        int64_t left;
+
+        mg_acct_set_limit(limit, MG_MEASURE_RSS, 0.9);
+        mg_acct_refusal(&r);
+        left = limit - r.reserve - mg_acct_limit_used();
+        check_int(r.reserve, ==, mg_acct_reserve_for(limit, sysconf(_SC_NPROCESSORS_CONF)));
+        mg_acct_set_raise(0);
+        check_int(mg_acct_check_request((size_t)left - 1000), ==, MG_REFUSE_NONE);
+        check_int(mg_acct_check_request((size_t)left + 1000), ==, MG_REFUSE_LIMIT);
+        /* The Python heap is judged in raise mode only. */
+        check_int(mg_acct_check_limit((size_t)left + r.reserve), ==, MG_REFUSE_NONE);
+        mg_acct_set_raise(1);
+        /* ... with half the reserve: NumPy's refusal leaves it room. */
+        check_int(mg_acct_check_limit((size_t)left + 1000), ==, MG_REFUSE_NONE);
+        check_int(mg_acct_check_limit((size_t)(left + r.reserve / 2) - 1000), ==, MG_REFUSE_NONE);
+        check_int(mg_acct_check_limit((size_t)(left + r.reserve / 2) + 1000), ==, MG_REFUSE_LIMIT);
+        check_int(mg_acct_check_limit((size_t)-1), ==, MG_REFUSE_LIMIT); /* beyond int64 */
+    }
     mg_acct_set_raise(0);
     mg_acct_set_limit(0, MG_MEASURE_RSS, 0.9);
     mg_acct_refusal(&r);
@@ -106,6 +124,35 @@ static void t_requests_are_refused_only_in_raise_mode_or_past_the_limit(void)
     check_int(r.bytes, ==, 12345);
     check_int(r.line, ==, 7);
     check_int(r.epoch, ==, 8);
+    check_int(r.reserve, ==, 0); /* no limit, no reserve */
+}
+
+/* The reserve: 32 MiB + limit/256 + 256 KiB per CPU, at most a quarter of the limit. */
+static void t_reserve_is_sized_from_the_limit_and_the_cpus(void)
+{
+    check_int(mg_acct_reserve_for(0, 2), ==, 0);
+    check_int(mg_acct_reserve_for(900000000, 2), ==, (32 << 20) + 900000000 / 256 + 2 * 262144);
+    check_int(mg_acct_reserve_for((int64_t)16 << 30, 0), ==,
+              (32 << 20) + ((int64_t)16 << 30) / 256 + 262144);
+    check_int(mg_acct_reserve_for(100 << 20, 4), ==, 25 << 20);
+}
+
+/* A tracked block whose pages are not resident yet (calloc, np.zeros, np.empty) counts at
+ * once against the limit, and still does after a sample that did not see it resident. */
+static void t_tracked_blocks_count_before_their_pages_are_touched(void)
+{
+    int64_t before;
+
+    mg_acct_reset();
+    mg_measures_cell_begin();
+    before = mg_acct_limit_used();
+    check_int(before, >, 0);
+    mg_acct_alloc(MG_DOMAIN_NUMPY, (size_t)200 << 20); /* counted, never allocated */
+    check_int(mg_acct_limit_used(), ==, before + (200 << 20));
+    mg_measures_sample(); /* RSS did not grow: the sampled untracked part shrank */
+    check_int(mg_acct_limit_used(), >=, before + (200 << 20));
+    mg_acct_free(MG_DOMAIN_NUMPY, (size_t)200 << 20);
+    check_int(mg_acct_limit_used(), <, before + (8 << 20));
 }
 
 #define THREADS 8
@@ -192,13 +239,15 @@ static void t_a_cell_start_never_inherits_a_crossing(void)
 
 int main(void)
 {
-    plan(8);
+    plan(10);
     TEST(t_alloc_and_free_balance(), "alloc and free update the total and per-domain counters");
     TEST(t_cell_usage_is_relative_to_start(), "a cell's usage and peak are measured from its start");
     TEST(t_budget_crossing_reported_once(), "only the first allocation over the budget reports the crossing");
     TEST(t_new_cell_and_new_budget_rearm_the_crossing(), "a new cell or a new budget re-arms the crossing");
     TEST(t_no_budget_never_crosses(), "with no budget nothing ever crosses");
     TEST(t_requests_are_refused_only_in_raise_mode_or_past_the_limit(), "raise mode refuses past the budget, the limit is judged in every mode, refusals are recorded");
+    TEST(t_reserve_is_sized_from_the_limit_and_the_cpus(), "the reserve is 32 MiB + limit/256 + 256 KiB per CPU, at most a quarter");
+    TEST(t_tracked_blocks_count_before_their_pages_are_touched(), "tracked blocks not yet resident count against the limit, across samples");
     TEST(t_threads_return_to_zero(), "8 threads allocating and freeing leave the counters at zero");
     TEST(t_a_cell_start_never_inherits_a_crossing(),
          "a hook racing a cell start never marks the new cell crossed with the old cell's budget");

@@ -24,8 +24,8 @@ import sys
 from dataclasses import dataclass
 from typing import List, NamedTuple, Optional, Tuple
 
-__all__ = ["Limit", "effective_limit", "cgroup_usage_bytes", "usage_file_for", "Measure",
-           "MEASURES", "apply"]
+__all__ = ["Limit", "effective_limit", "cgroup_usage_bytes", "usage_file_for",
+           "cgroup_oom_kills", "Measure", "MEASURES", "apply"]
 
 # Values at or above this mean "no limit". cgroup v1 reports an unset limit as
 # PAGE_COUNTER_MAX pages (9223372036854771712 with 4 KiB pages); no real machine has
@@ -70,6 +70,35 @@ class _Files(NamedTuple):
 # memory.limit_in_bytes / memory.usage_in_bytes (cgroup-v1/memory.rst).
 _FILES = {2: _Files("memory.max", "memory.current"),
           1: _Files("memory.limit_in_bytes", "memory.usage_in_bytes")}
+
+
+# The memory.stat key of the page cache the kernel reclaims before its OOM killer acts:
+# v2 ``inactive_file``; v1 ``total_inactive_file`` (the subtree's, as usage_in_bytes counts
+# the subtree). memory.stat holds about 1.5 KiB on Linux 6.x.
+_INACTIVE_KEY = {2: "inactive_file", 1: "total_inactive_file"}
+_STAT_FILE_MAX = 64 << 10
+
+
+def _stat_value(text: Optional[str], key: str) -> Optional[int]:
+    """The value of ``key`` in memory.stat / memory.events text ("key value" lines)."""
+    for line in (text or "").splitlines():
+        fields = line.split(" ")
+        if len(fields) == 2 and fields[0] == key:
+            return _parse_bytes(fields[1])
+    return None
+
+
+def _usage_less_reclaimable(usage_file: str) -> Optional[int]:
+    """The cgroup's usage as its OOM killer sees it: the usage file minus memory.stat's
+    reclaimable page cache (``_INACTIVE_KEY``), as csrc/measures.c samples it; the usage
+    alone when memory.stat is missing or malformed; None if the usage file is."""
+    usage = _parse_bytes(_read_text(usage_file, _VALUE_FILE_MAX))
+    if usage is None:
+        return None
+    directory, filename = posixpath.split(usage_file)
+    key = _INACTIVE_KEY[2 if filename == _FILES[2].usage else 1]
+    inactive = _stat_value(_read_text(posixpath.join(directory, "memory.stat"), _STAT_FILE_MAX), key)
+    return max(0, usage - inactive) if inactive is not None else usage
 
 
 class _Hierarchy(NamedTuple):
@@ -388,17 +417,29 @@ def cgroup_usage_bytes(proc_root: str = "/proc", sys_root: str = "/") -> Optiona
     :func:`effective_limit` would report), because its usage, siblings included, is what
     reaches the limit; with no cgroup limit it is the process's own cgroup. Reads v2
     ``memory.current`` or v1 ``memory.usage_in_bytes`` (the latter is approximate; see
-    cgroup-v1/memory.rst section 5.5). None if no such file is readable and well formed.
+    cgroup-v1/memory.rst section 5.5), less the reclaimable page cache of ``memory.stat``
+    (v2 ``inactive_file``, v1 ``total_inactive_file``): what the cgroup's OOM killer acts
+    on, as the C monitor samples it (docs/design.md, "Limits and measures"). None if no
+    such file is readable and well formed.
     """
     limit = _cgroup_limit(proc_root, sys_root)
     if limit is not None:
-        return _parse_bytes(_read_text(usage_file_for(limit[1]), _VALUE_FILE_MAX))
+        return _usage_less_reclaimable(usage_file_for(limit[1]))
     for hierarchy in _hierarchies(proc_root, sys_root):
         usage_name = _FILES[hierarchy.version].usage
-        value = _parse_bytes(_read_text(posixpath.join(hierarchy.dirs[0], usage_name), _VALUE_FILE_MAX))
+        value = _usage_less_reclaimable(posixpath.join(hierarchy.dirs[0], usage_name))
         if value is not None:
             return value
     return None
+
+
+def cgroup_oom_kills(limit_file: str) -> Optional[int]:
+    """How many processes the OOM killer of the cgroup of ``limit_file`` (a :class:`Limit`'s
+    ``detail`` when its source is ``"cgroup"``) has killed: ``oom_kill`` in v2
+    ``memory.events`` or in v1 ``memory.oom_control``. None if unreadable."""
+    directory, filename = posixpath.split(limit_file)
+    name = "memory.events" if filename == _FILES[2].limit else "memory.oom_control"
+    return _stat_value(_read_text(posixpath.join(directory, name), _VALUE_FILE_MAX * 64), "oom_kill")
 
 
 class Measure(NamedTuple):

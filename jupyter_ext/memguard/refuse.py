@@ -52,7 +52,7 @@ def install(shell):
     STATE.refusals_seen = coreview.refusal(STATE.core).count
 
     def handler(self, etype, value, tb, tb_offset=None):
-        if issubclass(etype, builtins.MemoryError):
+        if issubclass(etype, builtins.MemoryError) or issubclass(etype, builtins.RuntimeError):
             message = refusal_message(value)
             if message:
                 value.args = (message,)
@@ -61,17 +61,40 @@ def install(shell):
                     etype = MemoryError
                 except TypeError:  # an extension type with its own layout: keep it
                     pass
-            try:
-                return self.InteractiveTB.structured_traceback(etype, value, tb,
-                                                               tb_offset=tb_offset)
-            except Exception:
-                # IPython 8.5's stack_data cannot always place the code of a cell magic's
-                # body (NotOneValueFound); a plain traceback still shows our message.
-                return traceback.format_exception(etype, value, tb)
+            if issubclass(etype, builtins.MemoryError) or message or prev_tb is None or \
+                    not issubclass(etype, prev_types):
+                return show(self, etype, value, tb, tb_offset)
         return prev_tb(etype, value, tb, tb_offset=tb_offset)
 
-    ours = (builtins.MemoryError,) + _numpy_memory_errors()
+    # RuntimeError: torch's CPU allocator raises it (or its subclass torch.OutOfMemoryError)
+    # when the native hook refused its block (docs/design.md, "Native memory"); one that
+    # memguard did not cause is shown unchanged.
+    ours = (builtins.MemoryError, builtins.RuntimeError) + _numpy_memory_errors()
     shell.set_custom_exc(tuple(t for t in prev_types if t not in ours) + ours, handler)
+
+
+def show(shell, etype, value, tb, tb_offset=None):
+    """Show the exception as IPython shows any other, and return its structured traceback.
+
+    IPython's ``run_code`` discards what a ``set_custom_exc`` handler returns, so the
+    handler must display the traceback itself: ``_get_exc_info`` stores it in
+    ``sys.last_*`` (for ``%tb`` and ``%debug``) and ``_showtraceback`` is the method
+    ipykernel overrides to publish the IOPub ``error`` message and keep the traceback for
+    the ``execute_reply`` (``shell._last_traceback``); the terminal IPython prints it.
+    This runs after the cell's code has unwound, so what it allocates is never refused
+    (the limit's reserve covers it: docs/design.md, "Limits and measures")."""
+    try:
+        stb = shell.InteractiveTB.structured_traceback(etype, value, tb, tb_offset=tb_offset)
+    except Exception:
+        # IPython 8.5's stack_data cannot always place the code of a cell magic's body
+        # (NotOneValueFound); a plain traceback still shows the message.
+        stb = traceback.format_exception(etype, value, tb)
+    if hasattr(shell, "_get_exc_info") and hasattr(shell, "_showtraceback"):
+        shell._get_exc_info((etype, value, tb))
+        shell._showtraceback(etype, value, stb)
+    else:  # a shell without IPython's private methods: the public one
+        shell.showtraceback((etype, value, tb), tb_offset=tb_offset)
+    return stb
 
 
 def uninstall(shell):
@@ -99,7 +122,8 @@ def refusal_message(error):
     found = _NUMPY_MSG.search(str(error))
     if found:
         what += f" for an array with shape {found.group(1)} and dtype {found.group(2)}"
-    where = f" at line {ref.line}" if ref.line > 0 else ""
+    line = ref.line if ref.line > 0 else _traceback_line(error)
+    where = f" at line {line}" if line and line > 0 else ""
     if cell is not None and cell.count is not None:
         where += f" of cell {cell.count}"
     snap = coreview.snapshot(STATE.core)
@@ -110,12 +134,29 @@ def refusal_message(error):
                "(%memguard budget SIZE, or %%memguard SIZE for one cell)")
     else:
         limit = STATE.limit
+        raw = STATE.core.refusal()  # used and reserve: the figures the hook judged by
+        used = raw.get("used") or snap.used(STATE.limit_measure)
+        reserve = raw.get("reserve") or 0
         over = (f"would take the kernel over the machine's limit of {format_size(limit.bytes)} "
-                f"({limit.source}; {STATE.limit_measure.label} now "
-                f"{format_size(snap.used(STATE.limit_measure))})")
+                f"({limit.source}; {STATE.limit_measure.label} {format_size(used)}")
+        over += (f", and {format_size(reserve)} of the limit is kept for what cannot be "
+                 f"refused)" if reserve else ")")
         fix = "free memory (del), work in chunks, or use a machine with more memory"
     return (f"memguard (raise mode) refused {what}{where}: it {over}. Nothing was allocated "
             f"and the kernel is fine; {fix}.")
+
+
+def _traceback_line(error):
+    """The cell line in ``error``'s traceback (its innermost frame running the notebook's
+    globals), or None: for a refusal made by a native hook in a call that released the GIL
+    (torch, Arrow), where the hook could read no frame (docs/design.md, "Native memory")."""
+    ns = STATE.shell.user_global_ns if STATE.shell is not None else None
+    line, tb = None, getattr(error, "__traceback__", None)
+    while tb is not None:
+        if ns is not None and tb.tb_frame.f_globals is ns:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
 
 
 def sparse_refusal(pred, budget, usage):
@@ -136,7 +177,9 @@ def sparse_refusal(pred, budget, usage):
             f"allocated; keep it sparse (X.mean(axis=0), X.sum(axis=1), X.multiply(Y), X @ Y) "
             f"or densify in row chunks.")
     limit = STATE.limit
-    if limit is not None and snap.used(STATE.limit_measure) + dense > limit.bytes:
+    # The same line as the hooks: keep the reserve below the limit (mg_acct_reserve_for).
+    reserve = STATE.core.refusal().get("reserve") or 0
+    if limit is not None and snap.used(STATE.limit_measure) + dense > limit.bytes - reserve:
         raise MemoryError(
             f"memguard (raise mode) stopped {what}: it would take the kernel over the machine's "
             f"limit of {format_size(limit.bytes)} ({limit.source}). Nothing was allocated; keep "

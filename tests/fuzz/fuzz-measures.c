@@ -16,6 +16,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (mg_measures_parse_number((const char *)data, size, &used, &a) == 0 &&
         (a < 0 || used == 0 || used > size))
         abort();
+    if (mg_measures_parse_stat((const char *)data, size, "total_inactive_file", &a) == 0 && a < 0)
+        abort();
     if (mg_measures_parse_statm((const char *)data, size, &a, &b) == 0 && (a < 0 || b < 0))
         abort();
     return 0;
