@@ -279,3 +279,71 @@ if __name__ == "__main__":
     # The script's own lines (FUNCTIONS starts on its line 2); no cell outside a kernel.
     assert ("memguard: memory kept alive in a loop (line 10, task 'keep-script', keep_parts() "
             "on worker tcp://") in out.stderr, out.stderr
+
+
+# --- notebooks/dask_workers.ipynb ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dask_notebook():
+    """notebooks/dask_workers.ipynb executed once through nbclient in a fresh kernel (as
+    tests/test_notebooks.py runs the other notebooks)."""
+    pytest.importorskip("nbclient")
+    import nbformat
+    from nbclient import NotebookClient
+    from test_notebooks import NOTEBOOKS
+
+    nb = nbformat.read(NOTEBOOKS / "dask_workers.ipynb", as_version=4)
+    NotebookClient(nb, kernel_name="python3", timeout=300,
+                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    return nb
+
+
+def _notebook_alert(nb, cell_id, kind):
+    from test_notebooks import _cell, _of
+
+    found = _of(_cell(nb, cell_id), kind)
+    assert len(found) == 1, (cell_id, kind, found)
+    return found[0]
+
+
+def test_notebook_each_bad_task_gets_its_alert_on_its_line(dask_notebook):
+    from test_notebooks import _cell, _line
+
+    nb = dask_notebook
+    functions = _cell(nb, "functions")
+    dense = _notebook_alert(nb, "bad-densify", "sparse_to_dense")
+    assert (dense["task"], dense["function"]) == ("dense-means", "column_means_dense")
+    assert dense["cell"] == functions.execution_count
+    assert dense["line"] == _line(functions, "D = X.toarray()")
+    assert dense["dense_bytes"] == 2_000 * 10_000 * 8
+    acc = _notebook_alert(nb, "bad-accumulate", "accumulation")
+    assert (acc["task"], acc["function"]) == ("simulate-all", "simulate_all")
+    assert acc["cell"] == functions.execution_count
+    assert acc["line"] == _line(functions, "runs.append(")
+    assert acc["count"] == 4 and 80_000_000 <= acc["retained_bytes"] < 81_000_000, acc
+    crash = _notebook_alert(nb, "bad-kill", "crash_report")
+    assert (crash["task"], crash["function"]) == ("collect-forever", "collect_forever")
+    assert crash["cell"] == functions.execution_count
+    assert crash["line"] == _line(functions, "collected.append(")
+    assert crash["peak"] >= 0.85 * 10**9
+    # The cell's error is KilledWorker. CPython 3.11.7's ast.parse can fail when two threads
+    # parse at once (a race fixed in later releases), and IPython then prints the traceback
+    # as text instead of an error output: accept either form.
+    outputs = _cell(nb, "bad-kill").outputs
+    errors = [o["ename"] for o in outputs if o.get("output_type") == "error"]
+    text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    assert errors == ["KilledWorker"] or "KilledWorker" in text, (errors, text[-2000:])
+
+
+def test_notebook_fixes_get_no_alert_and_raise_mode_keeps_the_worker(dask_notebook):
+    from test_notebooks import _alerts, _cell, _stdout
+
+    nb = dask_notebook
+    for cell_id in ("fix-densify", "fix-accumulate"):
+        assert not _alerts(_cell(nb, cell_id)), (cell_id, _alerts(_cell(nb, cell_id)))
+    assert "same means: True" in _stdout(_cell(nb, "fix-densify"))
+    assert "same mean: True" in _stdout(_cell(nb, "fix-accumulate"))
+    out = _stdout(_cell(nb, "fix-kill"))
+    assert "MemoryError: memguard (raise mode) refused an allocation of 50 MB" in out, out
+    assert "in task 'collect-bounded' (collect_forever)" in out, out
+    assert "workers alive, same pids: True" in out, out
