@@ -192,3 +192,51 @@ def test_warn_mode_is_oom_killed_and_the_crash_report_names_the_cell(cgroup, tmp
         assert LIMIT - 4096 < report["limit"] <= LIMIT  # the kernel rounds it to pages
     finally:
         k.shutdown()
+
+
+# --- cgroup v2 through the same code, with recorded files ------------------------------
+
+def _limits_module():
+    from test_limits import limits
+    return limits
+
+
+def test_v2_usage_is_memory_current_less_inactive_file_and_oom_kills_are_read(tmp_path):
+    from test_limits import FakeTree, _v2, _small
+    limits = _limits_module()
+    tree = FakeTree(tmp_path)
+    _v2(tree, "/kubepods/pod1/kernel")
+    limit = _small(900)
+    cg = "/sys/fs/cgroup/kubepods/pod1/kernel"
+    tree.write(f"{cg}/memory.max", f"{limit}\n")
+    tree.write(f"{cg}/memory.current", "700000000\n")
+    tree.write(f"{cg}/memory.stat", "anon 600000000\nfile 90000000\nkernel 6000000\n"
+               "active_anon 600000000\ninactive_file 40000000\nactive_file 50000000\n")
+    tree.write(f"{cg}/memory.events", "low 0\nhigh 0\nmax 31\noom 2\noom_kill 2\n"
+               "oom_group_kill 0\n")
+    found = tree.effective_limit()
+    assert (found.bytes, found.source) == (limit, "cgroup")
+    assert tree.usage() == 660_000_000  # what the OOM killer acts on
+    assert limits.cgroup_oom_kills(found.detail) == 2
+    # A malformed memory.stat subtracts nothing; a missing usage file gives None.
+    tree.write(f"{cg}/memory.stat", "inactive_file lots\n")
+    assert tree.usage() == 700_000_000
+    os.unlink(tree.path(f"{cg}/memory.current"))
+    assert tree.usage() is None
+
+
+def test_v1_usage_is_usage_in_bytes_less_total_inactive_file(tmp_path):
+    from test_limits import FakeTree, _v1, _small
+    limits = _limits_module()
+    tree = FakeTree(tmp_path)
+    _v1(tree)
+    limit = _small(900)
+    cg = "/sys/fs/cgroup/memory/docker/abc"
+    tree.write(f"{cg}/memory.limit_in_bytes", f"{limit}\n")
+    tree.write(f"{cg}/memory.usage_in_bytes", "700000000\n")
+    tree.write(f"{cg}/memory.stat", "cache 1000\nrss 600000000\ninactive_file 1000\n"
+               "total_cache 50000000\ntotal_inactive_file 40000000\n")
+    tree.write(f"{cg}/memory.oom_control", "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n")
+    found = tree.effective_limit()
+    assert tree.usage() == 660_000_000
+    assert limits.cgroup_oom_kills(found.detail) == 1
