@@ -8,6 +8,7 @@
 #include <errno.h>
 #include <link.h>
 #include <malloc.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -58,6 +59,58 @@ static dlopen_fn r_dlopen;
 
 /* Written by install/uninstall (release, GIL held); read by the dlopen wrapper (acquire). */
 static _Atomic int s_installed = 0;
+
+/* The thread that runs the cells (the one that called mg_native_install: the kernel's main
+ * thread). Written by install (GIL held) before any slot is patched; read by the wrappers
+ * (relaxed). */
+static _Atomic(pthread_t) s_cell_thread;
+static _Atomic int s_cell_thread_set = 0;
+
+/* The line to charge a native block to: the cell line when this thread holds the GIL
+ * (mg_frames_cell_line); MG_NATIVE_LINE_CELL_THREAD when it is the cell's own thread
+ * inside a call that released the GIL (torch, Arrow compute, sqlite and polars do): the
+ * relay then names the line that thread is running, which is the call's line; -1 for any
+ * other thread (a native worker with no Python frame: line null, never a wrong line). */
+static int32_t native_line(void)
+{
+    int line = mg_frames_cell_line();
+
+    if (line >= 1)
+        return line;
+    if (atomic_load_explicit(&s_cell_thread_set, memory_order_relaxed) &&
+        pthread_equal(pthread_self(),
+                      atomic_load_explicit(&s_cell_thread, memory_order_relaxed)))
+        return MG_NATIVE_LINE_CELL_THREAD;
+    return -1;
+}
+
+static void native_push(uint32_t kind, int32_t line, int64_t bytes)
+{
+    mg_event_t ev;
+
+    ev.kind = kind;
+    ev.line = line;
+    ev.epoch = mg_acct_epoch();
+    ev.bytes = bytes;
+    ev.usage = mg_acct_cell_usage();
+    ev.count = 0;
+    ev.t = mg_ring_now();
+    (void)mg_ring_push(&ev); /* a full ring counts the drop itself */
+}
+
+/* mg_hooks_count_alloc with native_line for the site and the crossing. Hook-safe. */
+static void native_count_alloc(size_t n, void *p)
+{
+    int crossed = mg_acct_alloc(MG_DOMAIN_NATIVE, n);
+    int32_t line = -2;
+
+    if (n >= mg_sites_threshold()) {
+        line = native_line();
+        mg_sites_alloc(p, n, mg_acct_epoch(), line);
+    }
+    if (crossed)
+        native_push(MG_KIND_BUDGET, line == -2 ? native_line() : line, (int64_t)n);
+}
 
 /* ---- anonymous mappings -------------------------------------------------------------- */
 
@@ -131,14 +184,16 @@ static void map_publish(map_rec_t *r, uintptr_t start, uintptr_t end, uintptr_t 
     atomic_store_explicit(&r->state, 2, memory_order_release);
 }
 
-/* A block of at least the threshold is recorded with its cell line, as the other hooks do
- * (mg_hooks_count_alloc), but without bytes: those come from mg_native_settle. */
+/* Mappings are not recorded as sites: an arena allocator's mapping holds many allocations,
+ * or none yet (mimalloc reserves 1 GiB arenas in libarrow: recorded by length, one such
+ * mapping made a 640 MB accumulation read 1.7 GB), so neither its length nor its line
+ * describes an allocation. Their bytes still count (mg_native_settle), toward the budget
+ * too; lines and accumulation come from the malloc family. Returns the site (always 0). */
 static uintptr_t map_site(void *p, size_t n)
 {
-    if (n < mg_sites_threshold())
-        return 0;
-    mg_sites_alloc(p, n, mg_acct_epoch(), mg_frames_cell_line());
-    return (uintptr_t)p;
+    (void)p;
+    (void)n;
+    return 0;
 }
 
 /* Record a new anonymous mapping [p, p+len). */
@@ -257,16 +312,7 @@ static int64_t resident_bytes(uintptr_t s, uintptr_t e)
  * the relay uses the line the cell's thread is running). */
 static void settle_push_budget(int64_t bytes)
 {
-    mg_event_t ev;
-
-    ev.kind = MG_KIND_BUDGET;
-    ev.line = -1;
-    ev.epoch = mg_acct_epoch();
-    ev.bytes = bytes;
-    ev.usage = mg_acct_cell_usage();
-    ev.count = 0;
-    ev.t = mg_ring_now();
-    (void)mg_ring_push(&ev);
+    native_push(MG_KIND_BUDGET, -1, bytes);
 }
 
 void mg_native_settle(void)
@@ -319,7 +365,12 @@ static inline int native_refuse(int was, size_t n)
 
 /* ---- the malloc family ---------------------------------------------------------------- */
 
-#define COUNT_ALLOC(was, p) mg_hooks_after_alloc((was), MG_DOMAIN_NATIVE, (p))
+static inline void count_alloc(int was, void *p)
+{
+    if (p != NULL && !was && mg_acct_enabled())
+        native_count_alloc(malloc_usable_size(p), p);
+}
+#define COUNT_ALLOC(was, p) count_alloc((was), (p))
 
 static void *nat_malloc(size_t n)
 {
@@ -399,8 +450,10 @@ static void *realloc_common(void *ptr, size_t n, int refusing)
         /* realloc(p, 0) freed p (glibc): count the free */
         if (count)
             mg_acct_free(MG_DOMAIN_NATIVE, old);
-    } else {
-        mg_hooks_after_realloc(count, MG_DOMAIN_NATIVE, old, p);
+    } else if (p != NULL && count) {
+        /* free(old) + alloc(new); the old block's site was settled by realloc_old */
+        mg_acct_free(MG_DOMAIN_NATIVE, old);
+        native_count_alloc(malloc_usable_size(p), p);
     }
     mg_reentry_leave(was);
     return p;
@@ -771,6 +824,8 @@ int mg_native_install(void)
     /* A symbol this libc lacks (NULL real) is never bound in any slot, so never patched. */
     if (!atomic_load_explicit(&s_installed, memory_order_relaxed))
         maps_reset();
+    atomic_store_explicit(&s_cell_thread, pthread_self(), memory_order_relaxed);
+    atomic_store_explicit(&s_cell_thread_set, 1, memory_order_relaxed);
     atomic_store_explicit(&s_installed, 1, memory_order_release);
     rc = mg_elf_patch(s_hooks, s_nhooks, classify, (const void *)mg_native_install);
     if (rc < 0)

@@ -80,9 +80,11 @@ def test_status_and_history_show_native_memory(kernel):
     kernel.execute("import torch\n"
                    "t = torch.ones(30_000_000, dtype=torch.float64)  # 240 MB\n")
     st = kernel.execute("%memguard status")
-    assert re.search(r"native [\d.]+ [kMG]B\)", st.stdout), st.stdout
-    assert "native memory" in st.stdout and "GOT slots patched" in st.stdout, st.stdout
-    assert "not patched" not in st.stdout, st.stdout
+    (msg,) = [m for _, m in st.messages if m["msg_type"] == "display_data"]
+    text = msg["content"]["data"]["text/plain"]
+    assert re.search(r"native [\d.]+ [kMG]B\)", text), text
+    assert "native memory" in text and "GOT slots patched" in text, text
+    assert "not patched" not in text, text
     snap = kernel.execute("print(__import__('memguard')._core.snapshot()['native'])")
     assert int(snap.stdout) >= 230 * MB
 
@@ -212,3 +214,37 @@ def test_pythonmalloc_malloc_kernel_counts_native_memory():
         assert abs(peak - rss_growth) <= 0.2 * rss_growth, (peak, rss_growth)
     finally:
         k.shutdown()
+
+
+def test_parquet_buffer_notebook_alerts_on_the_buffering_line_and_its_fix_is_quiet():
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    import pathlib
+
+    path = pathlib.Path(__file__).parent.parent / "notebooks" / "parquet_buffer.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    nbclient.NotebookClient(nb, kernel_name="python3", timeout=300,
+                            resources={"metadata": {"path": str(path.parent)}}).execute()
+    mime = "application/vnd.memguard.alert+json"
+
+    def cell(cell_id):
+        return next(c for c in nb.cells if c.get("id") == cell_id)
+
+    def alerts(c):
+        return [o["data"][mime] for o in c.get("outputs", [])
+                if o.get("output_type") == "display_data" and mime in o.get("data", {})]
+
+    bad = cell("bad-buffer")
+    line = next(i for i, text in enumerate(bad.source.splitlines(), 1) if "buffer.append(" in text)
+    acc = [a for a in alerts(bad) if a["kind"] == "accumulation"]
+    assert acc, alerts(bad)
+    assert acc[-1]["line"] == line and acc[-1]["count"] >= 16, acc[-1]
+    # 16 batches of 2 columns of 2.5M 8-byte values: 640 MB kept by that line.
+    assert abs(acc[-1]["retained_bytes"] - 640 * MB) <= 0.2 * 640 * MB, acc[-1]
+    assert any(a["kind"] == "budget" for a in alerts(bad)), alerts(bad)
+    out = "".join(o.get("text", "") for o in bad.outputs if o.get("output_type") == "stream")
+    assert "16 batches still buffered" in out, out
+    fix = cell("fix-write-each-batch")
+    assert alerts(fix) == [], alerts(fix)
+    out = "".join(o.get("text", "") for o in fix.outputs if o.get("output_type") == "stream")
+    assert "40000000 rows written" in out, out
