@@ -179,6 +179,35 @@ static void t_patch_while_threads_call(void)
     check_int(atomic_load(&s_mallocs), ==, before);
 }
 
+/* A slot bound to another definition than the one the hook calls through is never
+ * patched, and its object is named (what %memguard status shows as "not patched"). */
+static void *other_malloc(size_t n)
+{
+    return real_malloc(n);
+}
+
+static void t_slot_bound_elsewhere_is_named_not_patched(void)
+{
+    mg_elf_hook_t wrong[1] = {{"malloc", (void *)other_malloc, {(void *)w_malloc, NULL}}};
+    const char *names[MG_ELF_MAX_FAILED];
+    int n, named = 0, patched;
+    long before;
+
+    mg_elf_reset();
+    /* Lazily bound slots (a stub inside their object) may still be patched elsewhere. */
+    patched = mg_elf_patch(wrong, 1, classify, (const void *)one_alloc);
+    check_int(patched, >=, 0);
+    n = mg_elf_failed(names, MG_ELF_MAX_FAILED);
+    for (int i = 0; i < n; i++)
+        named |= strstr(names[i], "libz.so") != NULL;
+    check_int(named, ==, 1);
+    before = atomic_load(&s_mallocs);
+    check_int(zlib_roundtrip(s_zlib), ==, 0);
+    check_int(atomic_load(&s_mallocs), ==, before);
+    check_int(mg_elf_unpatch(), ==, patched);
+    mg_elf_reset();
+}
+
 static void t_bad_hook_list(void)
 {
     check_int(mg_elf_patch(s_hooks, 0, classify, NULL), ==, -1);
@@ -193,13 +222,14 @@ int main(void)
         test_skip_all("libz.so.1 cannot be opened");
     dlclose(probe);
     setup();
-    plan(5);
+    plan(6);
     /* First, while libz is not loaded: it is the object loaded later. */
     TEST(t_object_loaded_later_is_patched(), "an object loaded later is patched on the next pass; dlclose then unpatch is safe");
     s_zlib = dlopen("libz.so.1", RTLD_NOW | RTLD_LOCAL);
     TEST(t_patch_and_restore(), "an object's malloc/free slots call the wrappers, and are put back");
     TEST(t_self_is_never_patched(), "the object holding `self` is skipped");
     TEST(t_patch_while_threads_call(), "10 patch/unpatch cycles while 3 threads call malloc/free through the slots");
+    TEST(t_slot_bound_elsewhere_is_named_not_patched(), "a slot bound to another definition is not patched and its object is named");
     TEST(t_bad_hook_list(), "an empty hook list is refused");
     dlclose(s_zlib);
     return test_done();
