@@ -374,6 +374,8 @@ static inline void count_alloc(int was, void *p)
 
 static void *nat_malloc(size_t n)
 {
+    if (t_mg_in_hook) /* nested in another memguard hook (PyMem RAW, NEP 49): a tail call */
+        return r_malloc(n);
     int was = mg_reentry_enter();
     void *p = r_malloc(n);
 
@@ -400,6 +402,8 @@ static void *nat_malloc_r(size_t n)
 
 static void *nat_calloc(size_t k, size_t n)
 {
+    if (t_mg_in_hook)
+        return r_calloc(k, n);
     int was = mg_reentry_enter();
     void *p = r_calloc(k, n);
 
@@ -461,6 +465,8 @@ static void *realloc_common(void *ptr, size_t n, int refusing)
 
 static void *nat_realloc(void *ptr, size_t n)
 {
+    if (t_mg_in_hook)
+        return r_realloc(ptr, n);
     return realloc_common(ptr, n, 0);
 }
 
@@ -489,6 +495,10 @@ static void *nat_reallocarray_r(void *ptr, size_t k, size_t n)
 
 static void nat_free(void *ptr)
 {
+    if (t_mg_in_hook) {
+        r_free(ptr);
+        return;
+    }
     int was = mg_reentry_enter();
 
     mg_hooks_before_free(was, MG_DOMAIN_NATIVE, ptr); /* before the real free */
@@ -594,6 +604,8 @@ static void *mmap_common(void *addr, size_t len, int prot, int flags, int fd, of
 
 static void *nat_mmap(void *a, size_t l, int p, int f, int fd, off_t o)
 {
+    if (t_mg_in_hook) /* pymalloc's arenas, under the arena hook */
+        return r_mmap(a, l, p, f, fd, o);
     return mmap_common(a, l, p, f, fd, o, 0);
 }
 
@@ -604,6 +616,8 @@ static void *nat_mmap_r(void *a, size_t l, int p, int f, int fd, off_t o)
 
 static int nat_munmap(void *addr, size_t len)
 {
+    if (t_mg_in_hook)
+        return r_munmap(addr, len);
     int was = mg_reentry_enter();
 
     /* Before the real munmap, so the range cannot be mapped again in between. */

@@ -8,6 +8,11 @@
 
 #include "memguard.h"
 
+/* The line of a native block allocated by the cell's own thread inside a call that released
+ * the GIL: the relay names the line that thread is running (records.py). Never a real line
+ * (those are >= 1) nor unknown (-1). */
+#define MG_NATIVE_LINE_CELL_THREAD 0
+
 /* Resolve the real functions (first call), then patch every loaded object except memguard's
  * own, libc and the dynamic loader. Slots of objects whose callers turn a NULL into an
  * exception (libarrow.so*, libc10.so: see docs/design.md) get the refusing variant. Returns

@@ -87,6 +87,15 @@ def test_status_and_history_show_native_memory(kernel):
     assert "not patched" not in text, text
     snap = kernel.execute("print(__import__('memguard')._core.snapshot()['native'])")
     assert int(snap.stdout) >= 230 * MB
+    rec = kernel.execute("import memguard\n"
+                         "print([r['native'] for r in memguard.history() if r['cell'] == 2])")
+    assert eval(rec.stdout)[0] >= 230 * MB, rec.stdout
+    hist = kernel.execute("%memguard history")
+    (msg,) = [m for _, m in hist.messages if m["msg_type"] == "display_data"]
+    assert "native" in msg["content"]["data"]["text/plain"]
+    kernel.execute("%memguard summary on")
+    ex = kernel.execute("t2 = torch.ones(30_000_000, dtype=torch.float64)")
+    assert re.search(r"retained \+[\d.]+ MB \(native \+2[34]\d(\.\d+)? MB\)", ex.stdout), ex.stdout
 
 
 def test_kept_torch_tensors_get_an_accumulation_alert(kernel):
