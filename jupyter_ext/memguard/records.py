@@ -83,11 +83,25 @@ def on_record(fields):
     if cell is None:
         return
     if rec.kind in (core.KIND_ACCUMULATION, core.KIND_ACCUMULATION_GROW):
-        _publish_accumulation(cell, rec.line, rec.count, rec.bytes)
+        _publish_accumulation(cell, _site_line(cell, rec.line), rec.count, rec.bytes)
     elif rec.kind in (core.KIND_REFUSED, core.KIND_LIMIT, core.KIND_LIMIT_REQUEST):
         _on_limit_record(cell, rec)
     elif rec.kind in (core.KIND_BUDGET, core.KIND_BUDGET_GROW, core.KIND_BUDGET_RSS):
         _on_budget_record(cell, rec)
+
+
+def _site_line(cell, line):
+    """A site's line for its alert. Line 0 (MG_NATIVE_LINE_CELL_THREAD) is native memory the
+    cell's own thread allocated inside a call that released the GIL (torch, Arrow compute):
+    the line that thread is running, resolved once per cell, as every such block shares
+    the one site of line 0."""
+    if line != 0:
+        return line
+    resolved = getattr(cell, "native_line", None)
+    if resolved is None:
+        resolved = _running_line(cell)
+        cell.native_line = resolved
+    return resolved
 
 
 def _on_budget_record(cell, rec):
@@ -99,6 +113,10 @@ def _on_budget_record(cell, rec):
     line, nbytes, peak = rec.line, rec.bytes, rec.peak
     if rec.kind == core.KIND_BUDGET_RSS:
         line, nbytes = _running_line(cell), 0
+    elif rec.kind == core.KIND_BUDGET and line < 1:
+        # Crossed by native code without the GIL (sqlite, polars release it), where the hook
+        # reads no frames: the line the cell's thread is running, as for the RSS rule.
+        line = _running_line(cell)
     elif rec.kind == core.KIND_BUDGET_GROW and first is not None:
         line, nbytes = first["line"] or -1, first["request_bytes"]
     same = snap.of_cell(cell.epoch)
@@ -149,9 +167,10 @@ def finish(cell, sites, snap):
     with STATE.lock:
         shown = {a["line"]: a for a in cell.alerts if a["kind"] == "accumulation"}
     for site in sites:
-        alert = shown.get(site.known_line)
+        line = site.line if site.line != 0 else getattr(cell, "native_line", None) or -1
+        alert = shown.get(line if line > 0 else None)
         if site.reported_bytes and alert is not None and site.live_bytes > alert["retained_bytes"]:
-            _publish_accumulation(cell, site.line, site.live_count, site.live_bytes, snap)
+            _publish_accumulation(cell, line, site.live_count, site.live_bytes, snap)
     _finish_budget(cell, snap)
 
 

@@ -487,10 +487,11 @@ def history_bundle(records):
     (text/plain via tabulate, text/html escaped), or one line when there is none."""
     import tabulate
 
-    head = ["cell", "peak", "retained", "untracked", "seconds", "top site", "alerts"]
+    head = ["cell", "peak", "retained", "native", "untracked", "seconds", "top site", "alerts"]
     rows = [[rec["cell"] if rec["cell"] is not None else "-",
              format_size(rec["peak"]),
              format_size(rec["retained"]),
+             format_size(rec.get("native", 0)),
              format_size(rec["untracked"]),
              f"{rec['seconds']:.2f} s",
              _top_site_text(rec["top_site"]) or "-",
@@ -525,8 +526,9 @@ def summary_line(rec):
         top = (f", most retained by line {rec['top_site']['line']} "
                f"({format_size(rec['top_site']['bytes'])})")
     alerts = f", alerts: {', '.join(rec['alerts'])}" if rec["alerts"] else ""
-    return (f"memguard: {cell}: peak {format_size(rec['peak'])}, retained {signed(rec['retained'])}, "
-            f"untracked {signed(rec['untracked'])}, {rec['seconds']:.2f} s{top}{alerts}")
+    native = f" (native {signed(rec['native'])})" if rec.get("native") else ""
+    return (f"memguard: {cell}: peak {format_size(rec['peak'])}, retained {signed(rec['retained'])}"
+            f"{native}, untracked {signed(rec['untracked'])}, {rec['seconds']:.2f} s{top}{alerts}")
 
 
 def text_bundle(text_):
