@@ -22,7 +22,7 @@ ASAN := -fsanitize=address,undefined -fno-omit-frame-pointer
 # The C units that need no Python: they are what the TAP tests link.
 C_ENGINE := csrc/ring.c csrc/acct.c csrc/monitor.c csrc/reentry.c csrc/sites.c csrc/measures.c \
 	csrc/zmqlib.c \
-	csrc/blackbox.c
+	csrc/blackbox.c csrc/elf_patch.c
 C_TESTS := $(patsubst tests/t-%.c,tests/bin/t-%,$(wildcard tests/t-*.c))
 PYSRC := $(wildcard jupyter_ext/memguard/*.py)
 CSRC := $(wildcard csrc/*.c include/*.h)
@@ -30,8 +30,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: all demo test ctest pytest check-asan check-valgrind check-tsan test-compat lock clean deps \
 	fuzz fuzz-short check-sanitize \
-	bench bench-latency bench-attribution bench-monitor bench-overhead bench-quick bench-callgrind \
-	test-browser
+	bench bench-latency bench-launcher bench-attribution bench-monitor bench-overhead bench-quick bench-callgrind \
+	test-browser bench-dask
 
 all: .stamp-installed
 
@@ -172,12 +172,22 @@ check-valgrind: $(C_TESTS)
 
 # --- benchmarks -------------------------------------------------------------------------
 # `make bench` runs every benchmark; each writes its figures to build/.
-bench: bench-latency bench-attribution bench-monitor bench-overhead
+bench: bench-latency bench-attribution bench-monitor bench-overhead bench-launcher bench-dask
 
 # Alert latency (bench/alert_latency.py): crossing allocation -> IOPub alert at a client,
 # p50/p99/max per scenario; BENCH_ARGS="--quick" or "--runs 50" to change it.
 bench-latency: .stamp-installed
 	$(VPY) bench/alert_latency.py $(BENCH_ARGS)
+
+# What memguard's kernel launcher costs IOPub: 10,000 stream messages with and without it
+# (bench/launcher_cost.py). Its GIL-held alert row is part of bench-latency.
+bench-launcher: .stamp-installed
+	$(VPY) bench/launcher_cost.py $(BENCH_ARGS)
+
+# memguard on Dask workers against plain workers (bench/dask_overhead.py): a dask.array
+# reduction and a dask.dataframe group-by on a 2-worker LocalCluster; build/bench_dask.json.
+bench-dask: .stamp-installed
+	$(VPY) bench/dask_overhead.py $(BENCH_ARGS)
 
 # Line attribution's cost below and above its threshold (bench/attribution_overhead.py).
 bench-attribution: .stamp-installed

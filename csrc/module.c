@@ -10,6 +10,8 @@
 #include "mg_frames.h"
 #include "mg_hooks.h"
 #include "mg_monitor.h"
+#include "mg_native.h"
+#include "mg_elf.h"
 #include "mg_ring.h"
 #include "mg_measures.h"
 #include "mg_sites.h"
@@ -50,6 +52,53 @@ static PyObject *core_uninstall(PyObject *self, PyObject *unused)
 {
     mg_acct_set_enabled(0);
     return PyLong_FromLong(mg_hooks_pymem_uninstall());
+}
+
+/* Native hooks (csrc/hooks_native.c, csrc/elf_patch.c): GOT slots of every loaded object. */
+static PyObject *core_install_native(PyObject *self, PyObject *unused)
+{
+    int rc = mg_native_install();
+
+    if (rc < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromLong(rc);
+}
+
+static PyObject *core_uninstall_native(PyObject *self, PyObject *unused)
+{
+    return PyLong_FromLong(mg_native_uninstall());
+}
+
+static PyObject *core_native_settle(PyObject *self, PyObject *unused)
+{
+    Py_BEGIN_ALLOW_THREADS
+    mg_native_settle();
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *core_native_stats(PyObject *self, PyObject *unused)
+{
+    mg_native_stats_t st;
+    const char *names[MG_ELF_MAX_FAILED];
+    int n;
+    PyObject *failed;
+
+    mg_native_stats(&st);
+    n = mg_elf_failed(names, MG_ELF_MAX_FAILED);
+    failed = PyList_New(0);
+    for (int i = 0; failed != NULL && i < n; i++) {
+        PyObject *s = PyUnicode_DecodeFSDefault(names[i]);
+
+        if (s == NULL || PyList_Append(failed, s) < 0)
+            Py_CLEAR(failed);
+        Py_XDECREF(s);
+    }
+    if (failed == NULL)
+        return NULL;
+    return Py_BuildValue("{sisisisisKsN}", "installed", mg_native_installed(),
+                         "slots", st.slots, "objects", st.objects, "mappings", (int)st.mappings,
+                         "map_dropped", (unsigned long long)st.map_dropped, "failed", failed);
 }
 
 static PyObject *core_set_enabled(PyObject *self, PyObject *arg)
@@ -116,11 +165,12 @@ static PyObject *core_snapshot(PyObject *self, PyObject *unused)
     mg_measures_snapshot(&r);
     if (rss < 0)
         rss = r.last;
-    return Py_BuildValue("{sLsLsLsLsLsLsLsLsLsisLsLsLsLsLsi}",
+    return Py_BuildValue("{sLsLsLsLsLsLsLsLsLsLsisLsLsLsLsLsi}",
                          "tracked", (long long)s.tracked,
                          "raw", (long long)s.domain[MG_DOMAIN_RAW],
                          "arena", (long long)s.domain[MG_DOMAIN_ARENA],
                          "numpy", (long long)s.domain[MG_DOMAIN_NUMPY],
+                         "native", (long long)s.domain[MG_DOMAIN_NATIVE],
                          "cell_start", (long long)s.cell_start,
                          "cell_peak", (long long)s.cell_peak,
                          "cell_usage", (long long)(s.tracked - s.cell_start),
@@ -200,9 +250,10 @@ static PyObject *core_refusal(PyObject *self, PyObject *unused)
     mg_acct_refusal_t r;
 
     mg_acct_refusal(&r);
-    return Py_BuildValue("{sKsLsisisL}", "count", (unsigned long long)r.count,
+    return Py_BuildValue("{sKsLsisisLsLsL}", "count", (unsigned long long)r.count,
                          "bytes", (long long)r.bytes, "reason", r.reason, "line", (int)r.line,
-                         "epoch", (long long)r.epoch);
+                         "epoch", (long long)r.epoch, "used", (long long)r.used,
+                         "reserve", (long long)r.reserve);
 }
 
 static PyObject *core_blackbox_open(PyObject *self, PyObject *args)
@@ -379,8 +430,10 @@ static PyObject *core_monitor_start(PyObject *self, PyObject *args)
     int period_ms = 2;
     PyObject *ctx_obj = Py_None;
     void *ctx = NULL;
+    const char *launcher = NULL; /* the kernel launcher's endpoint (MEMGUARD_LAUNCHER_ENDPOINT) */
 
-    if (!PyArg_ParseTuple(args, "s|iO:monitor_start", &endpoint, &period_ms, &ctx_obj))
+    if (!PyArg_ParseTuple(args, "s|iOz:monitor_start", &endpoint, &period_ms, &ctx_obj,
+                          &launcher))
         return NULL;
     if (ctx_obj != Py_None) {
         ctx = PyLong_AsVoidPtr(ctx_obj);
@@ -394,6 +447,8 @@ static PyObject *core_monitor_start(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_RuntimeError, "monitor_start: call zmq_load first");
         return NULL;
     }
+    if (mg_monitor_set_launcher(launcher) < 0) /* a second PUSH, or none */
+        return PyErr_SetFromErrno(errno == ENAMETOOLONG ? PyExc_ValueError : PyExc_OSError);
     if (mg_monitor_start(endpoint, period_ms, ctx) < 0)
         return PyErr_SetFromErrno(errno == EINVAL ? PyExc_ValueError : PyExc_OSError);
     Py_RETURN_NONE;
@@ -409,7 +464,9 @@ static PyObject *core_monitor_stop(PyObject *self, PyObject *unused)
 
 static PyObject *core_monitor_stats(PyObject *self, PyObject *unused)
 {
-    return Py_BuildValue("{sisKsKsKsK}",
+    return Py_BuildValue("{sisKsKsKsKsKsK}",
+                         "launcher_sent", (unsigned long long)mg_monitor_launcher_sent(),
+                         "launcher_dropped", (unsigned long long)mg_monitor_launcher_dropped(),
                          "running", mg_monitor_running(),
                          "pending", (unsigned long long)mg_monitor_pending(),
                          "sent", (unsigned long long)mg_monitor_sent(),
@@ -429,6 +486,22 @@ static PyMethodDef core_methods[] = {
     {"uninstall", core_uninstall, METH_NOARGS,
      "uninstall() -> int\n\nDisable counting and restore the allocators memguard wrapped, "
      "where memguard is still the top of the chain. Returns how many were restored (0-2)."},
+    {"install_native", core_install_native, METH_NOARGS,
+     "install_native() -> int\n\nPoint the GOT slots of malloc, calloc, realloc, free, "
+     "posix_memalign, aligned_alloc, memalign, valloc, pvalloc, reallocarray, mmap, munmap, "
+     "mremap and dlopen in every loaded object (not memguard's, libc or the loader) at "
+     "memguard's native wrappers; objects loaded later are patched by the dlopen wrapper. "
+     "Returns the number of slots patched now. Raises OSError."},
+    {"uninstall_native", core_uninstall_native, METH_NOARGS,
+     "uninstall_native() -> int\n\nPut back every GOT slot patched by install_native in the "
+     "objects still loaded. Returns how many were restored."},
+    {"native_settle", core_native_settle, METH_NOARGS,
+     "native_settle() -> None\n\nCount native anonymous mappings by their resident pages now "
+     "(the monitor thread does it at every RSS sample)."},
+    {"native_stats", core_native_stats, METH_NOARGS,
+     "native_stats() -> dict\n\ninstalled, slots (patched now), objects (scanned in the last "
+     "pass), mappings (anonymous mappings counted), map_dropped, failed (names of objects "
+     "that could not be patched)."},
     {"set_enabled", core_set_enabled, METH_O,
      "set_enabled(on: bool) -> None\n\nTurn counting on or off; off, hooks pass through."},
     {"cell_begin", core_cell_begin, METH_VARARGS,
@@ -484,16 +557,20 @@ static PyMethodDef core_methods[] = {
      "cannot be opened."},
     {"refusal", core_refusal, METH_NOARGS,
      "refusal() -> dict\n\nThe last allocation raise mode refused: count (refusals so far), "
-     "bytes, reason (REFUSE_BUDGET or REFUSE_LIMIT), line (-1 if unknown), epoch."},
+     "bytes, reason (REFUSE_BUDGET or REFUSE_LIMIT), line (-1 if unknown), epoch, used (the "
+     "limit's measure as raise mode judged it then, bytes), reserve (kept below the limit, "
+     "bytes)."},
     {"zmq_load", core_zmq_load, METH_VARARGS,
      "zmq_load(path: str | None) -> None\n\nResolve libzmq's calls from the shared object at "
      "path, already loaded (pyzmq's backend extension) or to be loaded; None searches the "
      "global scope. Idempotent. Raises ImportError with the reason."},
     {"monitor_start", core_monitor_start, METH_VARARGS,
-     "monitor_start(endpoint: str, period_ms: int = 2, context: int | None = None) -> None"
+     "monitor_start(endpoint: str, period_ms: int = 2, context: int | None = None, "
+     "launcher: str | None = None) -> None"
      "\n\nConnect a PUSH socket to endpoint, in the libzmq context at address context "
      "(pyzmq's Context.underlying, kept alive by the caller until monitor_stop) or in one of "
-     "its own, and start the monitor thread. Raises RuntimeError before zmq_load, OSError "
+     "its own, and start the monitor thread; with launcher (memguard's kernel launcher's "
+     "endpoint), a second PUSH socket sends every record there too. Raises RuntimeError before zmq_load, OSError "
      "(EALREADY if running) or ValueError for a period outside 1-1000 ms."},
     {"monitor_stop", core_monitor_stop, METH_NOARGS,
      "monitor_stop() -> None\n\nStop and join the monitor thread and close its socket."},

@@ -10,6 +10,10 @@
 #include "mg_acct.h"
 #include "mg_blackbox.h"
 #include "mg_monitor.h"
+#include "mg_reentry.h"
+
+/* csrc/hooks_native.c, when linked (the extension); the C tests link no native hooks. */
+extern void mg_native_settle(void) __attribute__((weak));
 #include "mg_ring.h"
 #include "mg_zmq.h"
 #include "mg_measures.h"
@@ -49,6 +53,87 @@ static int mg_zmq_check(int rc)
     return -1;
 }
 
+/* --- The launcher's socket (include/mg_monitor.h, "The launcher's socket") -------------
+ * A second PUSH to memguard's kernel launcher, which publishes alerts on IOPub without this
+ * process's GIL. s_launcher_ep: written by mg_monitor_set_launcher (GIL held) while the
+ * thread is not running. s_launcher: written by start/stop/atfork while the thread is not
+ * running; used only by the thread in between (pthread_create/join order the accesses). */
+static char s_launcher_ep[256] = "";
+static void *s_launcher = NULL;
+/* Written by the thread (relaxed); read by anyone. */
+static _Atomic uint64_t s_launcher_sent = 0;
+static _Atomic uint64_t s_launcher_dropped = 0;
+
+int mg_monitor_set_launcher(const char *endpoint)
+{
+    size_t n = endpoint == NULL ? 0 : strlen(endpoint);
+
+    if (atomic_load_explicit(&s_running, memory_order_acquire)) {
+        errno = EALREADY;
+        return MG_ERR;
+    }
+    if (n >= sizeof(s_launcher_ep)) {
+        errno = ENAMETOOLONG;
+        return MG_ERR;
+    }
+    memcpy(s_launcher_ep, n ? endpoint : "", n + 1);
+    return MG_OK;
+}
+
+/* In mg_monitor_start, once s_ctx exists: connect the launcher's socket if an endpoint is
+ * set. Returns 0 or -1 with errno set by libzmq. */
+static int launcher_open(void)
+{
+    int linger = 0;
+    int hwm = 1000;
+
+    if (s_launcher_ep[0] == '\0')
+        return 0;
+    s_launcher = mg_zmq.socket(s_ctx, MG_ZMQ_PUSH);
+    if (s_launcher == NULL)
+        return -1;
+    if (mg_zmq.setsockopt(s_launcher, MG_ZMQ_LINGER, &linger, sizeof(linger)) < 0 ||
+        mg_zmq.setsockopt(s_launcher, MG_ZMQ_SNDHWM, &hwm, sizeof(hwm)) < 0 ||
+        mg_zmq.connect(s_launcher, s_launcher_ep) < 0) {
+        int saved = errno;
+
+        mg_zmq.close(s_launcher);
+        s_launcher = NULL;
+        errno = saved;
+        return -1;
+    }
+    return 0;
+}
+
+static void launcher_close(void)
+{
+    if (s_launcher != NULL)
+        mg_zmq.close(s_launcher);
+    s_launcher = NULL;
+}
+
+/* Monitor thread: the record, to the launcher too (never blocks). */
+static void launcher_send(const mg_wire_t *w)
+{
+    if (s_launcher == NULL)
+        return;
+    if (mg_zmq.send(s_launcher, w, sizeof(*w), MG_ZMQ_DONTWAIT) >= 0)
+        atomic_fetch_add_explicit(&s_launcher_sent, 1, memory_order_relaxed);
+    else
+        atomic_fetch_add_explicit(&s_launcher_dropped, 1, memory_order_relaxed);
+}
+
+uint64_t mg_monitor_launcher_sent(void)
+{
+    return atomic_load_explicit(&s_launcher_sent, memory_order_relaxed);
+}
+
+uint64_t mg_monitor_launcher_dropped(void)
+{
+    return atomic_load_explicit(&s_launcher_dropped, memory_order_relaxed);
+}
+/* --- end of the launcher's socket ------------------------------------------------------ */
+
 /* Make the record and send it. Every record of an alert kind is first written into the
  * black box (mg_blackbox_monitor_alert), so the box holds it even if the kernel dies before
  * Python sees it. */
@@ -73,6 +158,7 @@ static void monitor_send(uint32_t kind, int64_t epoch, int32_t line, int64_t byt
     mg_blackbox_monitor_alert(&w); /* no-op without an open box */
     if (mg_zmq_check(mg_zmq.send(s_sock, &w, sizeof(w), MG_ZMQ_DONTWAIT)) == 0)
         atomic_fetch_add_explicit(&s_sent, 1, memory_order_relaxed);
+    launcher_send(&w); /* the launcher's socket: no-op without one */
 }
 
 /* What the monitor thread remembers between polls (its own stack: no other thread). */
@@ -206,6 +292,9 @@ static void *monitor_main(void *arg)
     unsigned tick = 0;
 
     (void)arg;
+    /* This thread's own allocations (libzmq's, through native hooks) are memguard's, not
+     * the notebook's: the reentrancy guard stays entered for the thread's life. */
+    (void)mg_reentry_enter();
     if (bb_every == 0)
         bb_every = 1;
     while (!atomic_load_explicit(&s_stop, memory_order_acquire)) {
@@ -213,6 +302,11 @@ static void *monitor_main(void *arg)
         int rss_crossed = 0;
 
         monitor_forward_ring(&st);
+        /* Native mappings are counted by their resident pages, measured here (before the
+         * snapshot, so a crossing they cause is seen by the RSS rule). Weak: the C tests
+         * link no native hooks. */
+        if (tick % MG_RSS_EVERY == 0 && mg_native_settle != NULL)
+            mg_native_settle();
         mg_acct_snapshot(&snap);
         /* Rule 5, the black-box tick: state and one timeline sample every MG_BB_SAMPLE_MS. */
         if (tick % bb_every == 0)
@@ -265,6 +359,8 @@ int mg_monitor_start(const char *endpoint, int period_ms, void *ctx)
         mg_zmq.setsockopt(s_sock, MG_ZMQ_SNDHWM, &hwm, sizeof(hwm)) < 0 ||
         mg_zmq.connect(s_sock, endpoint) < 0)
         goto error;
+    if (launcher_open() < 0) /* the launcher's socket, when an endpoint is set */
+        goto error;
     s_period_ms = period_ms;
     atomic_store_explicit(&s_polls, 0, memory_order_relaxed);
     atomic_store_explicit(&s_stop, 0, memory_order_release);
@@ -280,6 +376,7 @@ int mg_monitor_start(const char *endpoint, int period_ms, void *ctx)
 
 error:
     rc = errno;
+    launcher_close();
     if (s_sock != NULL)
         mg_zmq.close(s_sock);
     if (s_own_ctx)
@@ -297,6 +394,7 @@ int mg_monitor_stop(void)
     atomic_store_explicit(&s_stop, 1, memory_order_release);
     pthread_join(s_thread, NULL);
     atomic_store_explicit(&s_running, 0, memory_order_release);
+    launcher_close();
     mg_zmq.close(s_sock);
     if (s_own_ctx)
         mg_zmq.ctx_term(s_ctx);
@@ -343,6 +441,7 @@ static void monitor_atfork_child(void)
     mg_blackbox_atfork_child();
     atomic_store_explicit(&s_running, 0, memory_order_release);
     s_sock = NULL;
+    s_launcher = NULL; /* leaked with the parent's context, never closed here */
     s_ctx = NULL;
 }
 

@@ -64,6 +64,8 @@ def begin(info=None):
     STATE.add_cell(cell)
     STATE.core.set_cell_file(cell.code_name)
     STATE.core.cell_begin(cell.epoch, budget)
+    # The native domain at the start, for the record's "native" (native memory kept).
+    cell.native_start = coreview.snapshot(STATE.core).native
     raw = getattr(info, "raw_cell", None) or ""
     STATE.core.blackbox_set_cell(cell.epoch, -1 if count is None else count, raw)
     if STATE.pending_report is not None and (cell.parent is not None or STATE.kernel is None):
@@ -120,6 +122,7 @@ def post_run_cell(result=None):
         "peak": snap.cell_peak_usage,
         "retained": snap.cell_usage,
         "untracked": snap.untracked,
+        "native": snap.native - getattr(cell, "native_start", snap.native),
         "rss": snap.rss,
         "rss_peak": snap.rss_cell_peak,
         "budget": cell.budget or None,

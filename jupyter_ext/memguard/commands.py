@@ -74,13 +74,15 @@ def status_rows():
                         f"{STATE.limit_measure.label} now "
                         f"{format_size(snap.used(STATE.limit_measure))}"),
         ("tracked", f"{format_size(snap.tracked)} since load (Python heap "
-                    f"{format_size(snap.python_heap)}, NumPy {format_size(snap.numpy)})"),
+                    f"{format_size(snap.python_heap)}, NumPy {format_size(snap.numpy)}, "
+                    f"native {format_size(snap.native)})"),
         ("RSS", f"{format_size(snap.rss)} (baseline at load {format_size(STATE.rss_baseline)})"),
         ("untracked", f"{format_size(gap)} (RSS - baseline - tracked: native code, threads "
                       f"outside Python's allocators, allocator free lists)"),
         ("last cell peak", f"{format_size(last['peak'])} (cell {last['cell']})" if last else "n/a"),
         ("NumPy arrays", "counted (NEP 49 handler 'memguard')" if STATE.numpy_counted
          else "not counted"),
+        ("native memory", _native_row(core)),
         ("attribution", f"blocks >= {format_size(sites.threshold)}; accumulation at "
                         f">= {sites.min_count} live blocks and >= "
                         f"{sites.budget_fraction:.0%} of the budget "
@@ -90,6 +92,19 @@ def status_rows():
     ]
     rows += [("note", note) for note in STATE.notes]
     return rows
+
+
+def _native_row(core):
+    """What the native hooks cover (docs/design.md, "Native memory"), naming every shared
+    object memguard could not patch."""
+    stats = core.native_stats() if hasattr(core, "native_stats") else None
+    if not stats or not stats["installed"]:
+        return "not counted (native hooks off)"
+    text = (f"counted (malloc family and anonymous mmap; {stats['slots']} GOT slots "
+            f"patched, {stats['mappings']} mappings)")
+    if stats["failed"]:
+        text += "; not patched: " + ", ".join(stats["failed"])
+    return text
 
 
 def _size(value, name, example):

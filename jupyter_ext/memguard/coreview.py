@@ -19,7 +19,8 @@ class Snapshot(typing.NamedTuple):
     """``_core.snapshot()``: the counters at one moment. Bytes unless said otherwise.
 
     ``tracked``: live bytes the hooks counted since load; ``raw``, ``arena``, ``numpy``: its
-    parts (PyMem RAW, pymalloc arenas, NumPy data). ``cell_start``/``cell_peak``: tracked
+    parts (PyMem RAW, pymalloc arenas, NumPy data); ``native``: native code's malloc family and
+    anonymous mmap (csrc/hooks_native.c). ``cell_start``/``cell_peak``: tracked
     bytes when the running cell began and their peak since. ``cell_usage``: tracked minus
     cell_start. ``budget``: the running cell's budget (0 = none). ``epoch``: the running
     cell's number (memguard's own counter, no unit). ``crossed``: whether the budget was
@@ -32,6 +33,7 @@ class Snapshot(typing.NamedTuple):
     raw: int
     arena: int
     numpy: int
+    native: int
     cell_start: int
     cell_peak: int
     cell_usage: int

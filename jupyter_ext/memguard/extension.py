@@ -86,9 +86,11 @@ def _install(shell, core, magics, undo):
     # RSS - baseline - tracked is memory no hook counted (the untracked gap).
     STATE.rss_baseline = snapshot(core).outside_hooks
     _install_numpy()
+    _install_native(core, undo)
     core.set_user_globals(shell.user_global_ns)
     undo.callback(core.set_user_globals, None)
-    STATE.publisher = Publisher(STATE.kernel)
+    launcher = _launcher_endpoint() if STATE.kernel is not None else None
+    STATE.publisher = Publisher(STATE.kernel, launcher=launcher is not None)
     _open_blackbox(core)
     undo.callback(_close_blackbox, core)
     load_zmq(core)
@@ -96,7 +98,7 @@ def _install(shell, core, magics, undo):
     undo.callback(_stop_relay)
     STATE.relay.start()
     STATE.relay_sent_at_start = monitor_stats(core).sent
-    core.monitor_start(STATE.relay.endpoint, 2, STATE.relay.context)
+    core.monitor_start(STATE.relay.endpoint, 2, STATE.relay.context, launcher)
     undo.callback(core.monitor_stop)  # before the relay's context ends, and the black box
     for name, handler in (("pre_run_cell", cells.pre_run_cell),
                           ("post_run_cell", cells.post_run_cell)):
@@ -118,6 +120,21 @@ def _install(shell, core, magics, undo):
     # The cell that loads memguard is already running: account it from here on.
     cells.learn_count_offset(shell)
     cells.begin()
+
+
+def _install_native(core, undo):
+    """Patch every loaded shared object's GOT slots of the malloc family, anonymous mmap and
+    dlopen (docs/design.md, "Native memory"); ``MEMGUARD_NATIVE=0`` leaves native code
+    uncounted. Objects memguard could not patch are named in a note."""
+    if os.environ.get("MEMGUARD_NATIVE", "1") == "0" or not hasattr(core, "install_native"):
+        STATE.notes.append("MEMGUARD_NATIVE=0: native allocations are not counted")
+        return
+    core.install_native()
+    undo.callback(core.uninstall_native)
+    failed = core.native_stats()["failed"]
+    if failed:
+        STATE.notes.append("native allocations of " + ", ".join(failed) + " are not counted "
+                           "(their allocator slots could not be patched)")
 
 
 def unload(shell):
@@ -151,6 +168,18 @@ def _restore_switch_interval(saved):
     """Put back the switch interval found at load, unless someone changed it since."""
     if sys.getswitchinterval() == min(saved, SWITCH_INTERVAL):
         sys.setswitchinterval(saved)
+
+
+_LAUNCHER_ENDPOINT = []  # [endpoint or None], read once per process
+
+
+def _launcher_endpoint():
+    """The endpoint of memguard's kernel launcher (launcher.py), which started this kernel
+    with ``MEMGUARD_LAUNCHER_ENDPOINT`` set, or None. Read once and removed from the
+    environment, so processes this kernel starts do not send it records of their own."""
+    if not _LAUNCHER_ENDPOINT:
+        _LAUNCHER_ENDPOINT.append(os.environ.pop("MEMGUARD_LAUNCHER_ENDPOINT", None) or None)
+    return _LAUNCHER_ENDPOINT[0]
 
 
 def _stop_relay():
