@@ -118,18 +118,20 @@ def test_limit_alert_fires_past_its_fraction_of_the_limit(limited_kernel):
     assert quiet.alerts_of("limit") == []
 
 
-def test_shutdown_with_memguard_loaded_takes_under_a_second(kernel):
-    # The kernel process must exit by itself (status 0) within 1 s of the shutdown_request:
-    # a libzmq socket left open on a context being terminated would hang it until
-    # jupyter_client kills it (docs/design.md, "libzmq").
+def test_shutdown_with_memguard_loaded_exits_by_itself(kernel):
+    # After a shutdown_request the kernel process must exit by itself, with status 0: a
+    # libzmq socket left open on a context being terminated hangs it until jupyter_client
+    # kills it (docs/design.md, "libzmq"). Nobody kills it here, so a hang fails at the
+    # deadline; the deadline is generous because a loaded machine slows any shutdown (how
+    # long a shutdown takes is a benchmark's business, not this test's).
     kernel.execute("import numpy as np\nkeep = np.ones(10_000_000)")
     process = kernel.km.provisioner.process
     start = time.monotonic()
     kernel.kc.shutdown()
-    while process.poll() is None and time.monotonic() - start < 1.0:
+    while process.poll() is None and time.monotonic() - start < 20.0:
         time.sleep(0.01)
     took, status = time.monotonic() - start, process.poll()
-    assert status is not None, "the kernel was still running 1 s after shutdown_request"
+    assert status is not None, "the kernel was still running 20 s after shutdown_request"
     assert status == 0, f"the kernel exited with status {status} after {took:.2f} s"
 
 

@@ -157,8 +157,9 @@ class MemguardMagics(Magics):
             return _run_body(self.shell, cell, filename)
         finally:
             cells.drain()  # alerts still in flight get the traced top lines too
+            # Stopped, not dropped: an alert of this cell that the relay publishes later
+            # still gets the top lines taken at stop().
             running.trace.stop()
-            running.trace = None
 
 
 def _dask(args):

@@ -43,14 +43,17 @@ class CellTrace:
         else:
             self._base = tracemalloc.take_snapshot()
         self.active = True
+        self._final = []
 
     def top(self, limit=TOP):
         """tracemalloc's largest live tracebacks allocated during the cell, as a list of
         ``{"bytes": int, "count": int, "frames": [{"file": str, "line": int, "cell": bool}]}``
-        (innermost frame first). Empty once stopped, also when tracemalloc stops while it
-        runs: the snapshot is taken, not checked for first, so no alert is lost to a race."""
+        (innermost frame first). Once stopped, the top lines taken at ``stop()``: an alert of
+        this cell that the relay publishes after the cell (a loaded machine can delay it past
+        the drain) still carries them. Empty when tracemalloc stopped by itself while the
+        cell ran: the snapshot is taken, not checked for first, so no alert is lost to a race."""
         if not self.active:
-            return []
+            return self._final
         try:
             snap = tracemalloc.take_snapshot()
         except RuntimeError:  # "the tracemalloc module must be tracing memory ..."
@@ -82,7 +85,8 @@ class CellTrace:
         return {"file": name, "line": frame.lineno, "cell": in_cell}
 
     def stop(self):
-        """Stop tracemalloc if this cell started it."""
+        """Keep the cell's final top lines, then stop tracemalloc if this cell started it."""
+        self._final = self.top()
         self.active = False
         if self.started_here and tracemalloc.is_tracing():
             tracemalloc.stop()
