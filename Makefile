@@ -120,7 +120,7 @@ fuzz: .stamp-apt
 	@mkdir -p build/fuzz
 	for t in $(FUZZ_TARGETS); do \
 	  clang -std=c11 -D_GNU_SOURCE -g -O1 -Iinclude -fsanitize=fuzzer,address,undefined \
-	    -fno-sanitize-recover=undefined -o build/fuzz/fuzz-$$t tests/fuzz/fuzz-$$t.c csrc/$$t.c || exit 1; \
+	    -fno-sanitize-recover=undefined -o build/fuzz/fuzz-$$t tests/fuzz/fuzz-$$t.c $(C_ENGINE) -lpthread -ldl || exit 1; \
 	  rm -rf build/fuzz/corpus-$$t && cp -r tests/fuzz/corpus-$$t build/fuzz/corpus-$$t; \
 	  build/fuzz/fuzz-$$t -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=build/fuzz/ \
 	    build/fuzz/corpus-$$t 2>build/fuzz/fuzz-$$t.log || { tail -30 build/fuzz/fuzz-$$t.log; exit 1; }; \
