@@ -125,16 +125,15 @@ def _install(shell, core, magics, undo):
 def _install_native(core, undo):
     """Patch every loaded shared object's GOT slots of the malloc family, anonymous mmap and
     dlopen (docs/design.md, "Native memory"); ``MEMGUARD_NATIVE=0`` leaves native code
-    uncounted. Objects memguard could not patch are named in a note."""
+    uncounted. Objects memguard could not patch are named by ``%memguard status`` ("not
+    patched: ..."), not at load: on an interpreter that links libpython statically (Debian's,
+    conda's) the main program is one of them on every load, and a line at every load that
+    needs no action would teach users to skip memguard's lines."""
     if os.environ.get("MEMGUARD_NATIVE", "1") == "0" or not hasattr(core, "install_native"):
         STATE.notes.append("MEMGUARD_NATIVE=0: native allocations are not counted")
         return
     core.install_native()
     undo.callback(core.uninstall_native)
-    failed = core.native_stats()["failed"]
-    if failed:
-        STATE.notes.append("native allocations of " + ", ".join(failed) + " are not counted "
-                           "(their allocator slots could not be patched)")
 
 
 def unload(shell):
