@@ -5,6 +5,7 @@ summary/history, and tracemalloc together.
 Every figure is checked against what the cell itself allocated (within 10%)."""
 
 import json
+import re
 
 MB = 10**6
 
@@ -132,8 +133,13 @@ def test_status_summary_and_history_report_rss_and_the_gap(kernel):
     assert "summary on" in on.stdout
     ex = kernel.execute("import numpy as np\nkeep = np.ones(25_000_000)  # 200 MB\n")
     summary = ex.stdout.strip().splitlines()[-1]
-    assert summary.startswith(f"memguard: cell {ex.execution_count}: peak 200")
-    assert "retained +200" in summary and "untracked" in summary and " s" in summary
+    # 200 MB of array data plus whatever else the cell held (a pymalloc arena is 1 MiB):
+    # within 5 %, as the history figures below are checked.
+    assert summary.startswith(f"memguard: cell {ex.execution_count}: peak "), summary
+    peak = float(re.search(r"peak ([\d.]+) MB", summary).group(1))
+    kept = float(re.search(r"retained \+([\d.]+) MB", summary).group(1))
+    assert 200 <= peak <= 210 and 200 <= kept <= 210, summary
+    assert "untracked" in summary and " s" in summary
     assert "MB" in summary and "line 2" in summary
     kernel.execute("%memguard summary off")
     quiet = kernel.execute("y = 2")
