@@ -19,7 +19,8 @@
 #include "mg_sites.h"
 
 _Static_assert(sizeof(mg_bb_header_t) == 264, "header layout");
-_Static_assert(sizeof(mg_bb_cell_t) == 40 + 16 * MG_BB_CELLS + MG_BB_SOURCE_MAX, "cell layout");
+_Static_assert(sizeof(mg_bb_cell_t) == 48 + 16 * MG_BB_CELLS + MG_BB_PARENT_MAX + MG_BB_SOURCE_MAX,
+               "cell layout");
 _Static_assert(sizeof(mg_bb_site_t) == 32, "site layout");
 _Static_assert(sizeof(mg_bb_state_t) == 120 + 32 * MG_BB_SITES, "state layout");
 _Static_assert(sizeof(mg_bb_alert_t) == 40 + MG_BB_MESSAGE, "alert layout");
@@ -165,7 +166,8 @@ static void bb_end(_Atomic uint64_t *seq)
                           memory_order_release);
 }
 
-void mg_blackbox_set_cell(int64_t epoch, int64_t count, const char *source, size_t len)
+void mg_blackbox_set_cell(int64_t epoch, int64_t count, const char *source, size_t len,
+                          const char *parent, size_t parent_len)
 {
     mg_bb_file_t *f;
     mg_bb_cell_t *c;
@@ -186,6 +188,12 @@ void mg_blackbox_set_cell(int64_t epoch, int64_t count, const char *source, size
     if (len < MG_BB_SOURCE_MAX)
         memset(c->source + len, 0, MG_BB_SOURCE_MAX - len);
     c->source_len = (uint32_t)len;
+    if (parent == NULL || parent_len > MG_BB_PARENT_MAX)
+        parent_len = 0;
+    if (parent_len > 0)
+        memcpy(c->parent, parent, parent_len);
+    memset(c->parent + parent_len, 0, MG_BB_PARENT_MAX - parent_len);
+    c->parent_len = (uint32_t)parent_len;
     c->cells[c->cells_next % MG_BB_CELLS].epoch = epoch;
     c->cells[c->cells_next % MG_BB_CELLS].count = count;
     c->cells_next++;

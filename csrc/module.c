@@ -285,10 +285,14 @@ static PyObject *core_blackbox_set_cell(PyObject *self, PyObject *args)
     long long count;
     const char *source;
     Py_ssize_t len;
+    const char *parent = NULL;
+    Py_ssize_t parent_len = 0;
 
-    if (!PyArg_ParseTuple(args, "LLs#:blackbox_set_cell", &epoch, &count, &source, &len))
+    if (!PyArg_ParseTuple(args, "LLs#|z#:blackbox_set_cell", &epoch, &count, &source, &len,
+                          &parent, &parent_len))
         return NULL;
-    mg_blackbox_set_cell((int64_t)epoch, (int64_t)count, source, (size_t)len);
+    mg_blackbox_set_cell((int64_t)epoch, (int64_t)count, source, (size_t)len, parent,
+                         (size_t)parent_len);
     Py_RETURN_NONE;
 }
 
@@ -540,8 +544,9 @@ static PyMethodDef core_methods[] = {
      "blackbox_close(remove: bool = True) -> None\n\nUnmap it (and unlink it), after any "
      "write the monitor thread has in progress."},
     {"blackbox_set_cell", core_blackbox_set_cell, METH_VARARGS,
-     "blackbox_set_cell(epoch: int, count: int, source: str) -> None\n\nThe running cell "
-     "(count -1 if none); source cut to 16 KiB."},
+     "blackbox_set_cell(epoch: int, count: int, source: str, parent: str | None = None) -> "
+     "None\n\nThe running cell (count -1 if none); source cut to 16 KiB; parent: the JSON "
+     "header of its execute_request, dropped if over 1 KiB."},
     {"blackbox_add_alert", core_blackbox_add_alert, METH_VARARGS,
      "blackbox_add_alert(epoch, count, kind: int, line, bytes, message: str) -> None"},
     {"blackbox_layout", core_blackbox_layout, METH_NOARGS,

@@ -18,8 +18,9 @@
 #include "mg_monitor.h"
 
 #define MG_BB_MAGIC "MGBLKBOX"   /* 8 bytes, no terminator */
-#define MG_BB_LAYOUT 1u          /* bump on any change below; readers reject newer ones */
+#define MG_BB_LAYOUT 2u          /* bump on any change below; readers reject newer ones */
 #define MG_BB_SOURCE_MAX 16384u  /* bytes of the running cell's source kept */
+#define MG_BB_PARENT_MAX 1024u   /* bytes of the running cell's parent header (JSON) kept */
 #define MG_BB_CELLS 64u          /* (epoch, execution count) pairs of recent cells */
 #define MG_BB_SITES 16u          /* top live sites in each state copy */
 #define MG_BB_ALERTS 32u         /* last alerts kept (a ring) */
@@ -66,7 +67,13 @@ typedef struct mg_bb_cell {
     double started;         /* CLOCK_REALTIME seconds */
     uint32_t source_len;    /* bytes used in source (<= MG_BB_SOURCE_MAX) */
     uint32_t cells_next;    /* next slot of the cells ring (total written) */
+    uint32_t parent_len;    /* bytes used in parent (<= MG_BB_PARENT_MAX), 0 = none */
+    uint32_t pad;
     mg_bb_cellmap_t cells[MG_BB_CELLS];
+    /* The execute_request header the cell answers (UTF-8 JSON, as the kernel received it):
+     * the launcher parents its alerts and the death notice with it, since the kernel's own
+     * IOPub messages naming the cell may wait for the GIL (docs/design.md, "Launcher"). */
+    char parent[MG_BB_PARENT_MAX];
     char source[MG_BB_SOURCE_MAX]; /* UTF-8, maybe cut at the end */
 } mg_bb_cell_t;
 
@@ -150,9 +157,12 @@ int mg_blackbox_close(int remove);
 /* Non-zero while a box is open. */
 int mg_blackbox_is_open(void);
 
-/* Record the running cell: epoch, execution count (-1 none) and source (cut to
- * MG_BB_SOURCE_MAX bytes). GIL held. No effect without an open box. */
-void mg_blackbox_set_cell(int64_t epoch, int64_t count, const char *source, size_t len);
+/* Record the running cell: epoch, execution count (-1 none), source (cut to
+ * MG_BB_SOURCE_MAX bytes) and the JSON parent header of its execute_request (parent_len 0:
+ * none; longer than MG_BB_PARENT_MAX: none, since a cut JSON document is useless). GIL
+ * held. No effect without an open box. */
+void mg_blackbox_set_cell(int64_t epoch, int64_t count, const char *source, size_t len,
+                          const char *parent, size_t parent_len);
 
 /* Append an alert (kind: mg_bb_kind_t), or update the entry of the same alert if the ring
  * still holds it: same epoch and kind, and the same line for accumulation and

@@ -55,13 +55,14 @@ static void t_clean_close_leaves_a_readable_box(void)
     char path[128];
     const mg_bb_state_t *st;
     const char *src = "import numpy as np\nx = np.ones(10)\n";
+    const char *parent = "{\"msg_id\": \"abc_1\", \"msg_type\": \"execute_request\"}";
 
     snprintf(path, sizeof(path), "%s/clean.mgbox", s_dir);
     mg_acct_reset();
     mg_acct_cell_begin(3, 5000);
     check_int(mg_blackbox_open(path, "kernel-abc.json"), ==, 0);
     check_int(mg_blackbox_open(path, "kernel-abc.json"), ==, -1); /* EALREADY */
-    mg_blackbox_set_cell(3, 7, src, strlen(src));
+    mg_blackbox_set_cell(3, 7, src, strlen(src), parent, strlen(parent));
     mg_blackbox_add_alert(3, 7, 0, 2, 123456, "over budget", 11);
     mg_acct_alloc(MG_DOMAIN_NUMPY, 4096);
     mg_measures_sample(); /* the monitor samples before it ticks */
@@ -77,6 +78,8 @@ static void t_clean_close_leaves_a_readable_box(void)
     check_int(s_file.cell.count, ==, 7);
     check_uint(s_file.cell.source_len, ==, strlen(src));
     check_int(memcmp(s_file.cell.source, src, strlen(src)), ==, 0);
+    check_uint(s_file.cell.parent_len, ==, strlen(parent));
+    check_int(memcmp(s_file.cell.parent, parent, strlen(parent)), ==, 0);
     check_uint(s_file.alerts.total, ==, 1);
     check_int(s_file.alerts.ring[0].bytes, ==, 123456);
     check_uint(atomic_load(&s_file.samples_total), ==, 3);
@@ -104,7 +107,7 @@ static void t_box_survives_an_abort_mid_run(void)
         if (mg_blackbox_open(path, "kernel-crash.json") != 0)
             _exit(3);
         mg_acct_cell_begin(9, 0);
-        mg_blackbox_set_cell(9, 4, src, strlen(src));
+        mg_blackbox_set_cell(9, 4, src, strlen(src), NULL, 0);
         for (int i = 0; i < 5; i++) {
             mg_acct_alloc(MG_DOMAIN_NUMPY, 1 << 20);
             mg_blackbox_tick();
@@ -136,7 +139,7 @@ static void t_fork_child_does_not_write_the_parents_box(void)
     check_int(mg_monitor_atfork_register(), ==, 0);
     pid = fork();
     if (pid == 0) {
-        mg_blackbox_set_cell(99, 99, "child", 5); /* must be a no-op */
+        mg_blackbox_set_cell(99, 99, "child", 5, NULL, 0); /* must be a no-op */
         _exit(mg_blackbox_is_open() ? 1 : 0);
     }
     waitpid(pid, &status, 0);
@@ -220,7 +223,7 @@ static void t_monitor_writes_alerts_without_python(void)
     mg_acct_cell_begin(12, 1000);
     mg_acct_alloc(MG_DOMAIN_NUMPY, 1500);
     check_int(mg_blackbox_open(path, "kernel-mon.json"), ==, 0);
-    mg_blackbox_set_cell(12, 5, "x = grow()\n", 11);
+    mg_blackbox_set_cell(12, 5, "x = grow()\n", 11, NULL, 0);
     push_event(MG_KIND_BUDGET, 12, 1, 1500, 0);
     check_int(mg_monitor_start(endpoint, 1, NULL), ==, 0);
     check_int(poll_box(path, one_alert), ==, 1);

@@ -158,7 +158,8 @@ def test_a_real_box_reads_back(tmp_path):
 @pytest.mark.parametrize("damage, why", [
     ("random", "not a memguard black box"),
     ("truncated", "truncated"),
-    ("newer", "newer memguard (layout 2"),
+    ("newer", "newer memguard (layout {next}"),
+    ("older", "older memguard (layout 1;"),
     ("half", "half-written"),
     ("empty", "truncated"),
 ])
@@ -172,7 +173,9 @@ def test_bad_boxes_are_rejected_in_one_line(tmp_path, damage, why):
     elif damage == "truncated":
         data = data[:len(data) // 2]
     elif damage == "newer":
-        struct.pack_into("<I", data, 8, 2)
+        struct.pack_into("<I", data, 8, blackbox.LAYOUT + 1)
+    elif damage == "older":
+        struct.pack_into("<I", data, 8, 1)
     elif damage == "half":
         for i in range(2):  # both state copies caught mid-write
             off = blackbox.OFF_STATE + i * blackbox.STATE_BYTES
@@ -182,6 +185,7 @@ def test_bad_boxes_are_rejected_in_one_line(tmp_path, damage, why):
     open(path, "wb").write(data)
     with pytest.raises(blackbox.BlackBoxError) as err:
         blackbox.read(path)
+    why = why.format(next=blackbox.LAYOUT + 1)
     assert why in str(err.value) and "\n" not in str(err.value)
 
 

@@ -15,7 +15,7 @@ import struct
 import time
 import typing
 
-LAYOUT = 1
+LAYOUT = 2
 MAGIC = b"MGBLKBOX"
 SUFFIX = ".mgbox"
 # Kinds as stored in the box (mg_bb_alert_t.kind): index into this tuple.
@@ -24,7 +24,7 @@ WEEK = 7 * 24 * 3600.0
 
 # Formats mirror include/mg_blackbox.h (little-endian, no padding).
 _HEADER = struct.Struct("<8sIIQqdIIIIII200s")
-_CELL_HEAD = struct.Struct("<QqqdII")
+_CELL_HEAD = struct.Struct("<QqqdIIII")
 _CELLMAP = struct.Struct("<qq")
 _STATE_HEAD = struct.Struct("<Qdqii10qii")
 _SITE = struct.Struct("<qiiqq")
@@ -32,9 +32,12 @@ _ALERTS_HEAD = struct.Struct("<QQ")
 _ALERT = struct.Struct("<qqiiqd200s")
 _SAMPLE = struct.Struct("<Qdqqq")
 N_CELLS, SOURCE_MAX, N_SITES, N_ALERTS, N_SAMPLES, SAMPLE_MS = 64, 16384, 16, 32, 2048, 100
+PARENT_MAX = 1024
 
 OFF_CELL = _HEADER.size
-CELL_BYTES = _CELL_HEAD.size + N_CELLS * _CELLMAP.size + SOURCE_MAX
+OFF_PARENT = OFF_CELL + _CELL_HEAD.size + N_CELLS * _CELLMAP.size
+OFF_SOURCE = OFF_PARENT + PARENT_MAX
+CELL_BYTES = OFF_SOURCE + SOURCE_MAX - OFF_CELL
 OFF_STATE = OFF_CELL + CELL_BYTES
 STATE_BYTES = _STATE_HEAD.size + N_SITES * _SITE.size
 OFF_ALERTS = OFF_STATE + 2 * STATE_BYTES
@@ -72,6 +75,7 @@ class BlackBox:
     cell_count: typing.Optional[int]
     cell_source: typing.Optional[str]  # None when the cell region was being written
     cell_started: float
+    cell_parent: typing.Optional[bytes]  # the execute_request header (JSON), None if unknown
     cells: dict  # epoch -> execution count
     state: dict  # the newest complete state copy
     sites: list  # [{"epoch", "line", "bytes", "count"}]
@@ -111,11 +115,12 @@ def read(path):
         raise _bad(path, f"written by a newer memguard (layout {layout_}; this one reads "
                          f"layout {LAYOUT})")
     if layout_ != LAYOUT:
-        raise _bad(path, f"unknown layout {layout_}")
+        raise _bad(path, f"written by an older memguard (layout {layout_}; this one reads "
+                         f"layout {LAYOUT})")
     if (header_bytes, file_bytes, sample_ms, n_samples, n_sites, n_alerts, source_max,
             n_cells) != (_HEADER.size, FILE_BYTES, SAMPLE_MS, N_SAMPLES, N_SITES, N_ALERTS,
                          SOURCE_MAX, N_CELLS):
-        raise _bad(path, "corrupt header (sizes do not match layout 1)")
+        raise _bad(path, f"corrupt header (sizes do not match layout {LAYOUT})")
     if len(data) < FILE_BYTES:
         raise _bad(path, f"truncated ({len(data)} of {FILE_BYTES} bytes)")
     if len(data) > FILE_BYTES:
@@ -161,19 +166,19 @@ def read(path):
                       "bytes": _check_bytes(path, "site bytes", s_bytes), "count": s_count})
 
     # The running cell (its region may have been mid-write: then no source).
-    c_seq, c_epoch, c_count, c_started, source_len, cells_next = _CELL_HEAD.unpack_from(
-        data, OFF_CELL)
-    if source_len > SOURCE_MAX or c_epoch < 0 or c_count < -1:
+    (c_seq, c_epoch, c_count, c_started, source_len, cells_next, parent_len,
+     _pad) = _CELL_HEAD.unpack_from(data, OFF_CELL)
+    if source_len > SOURCE_MAX or parent_len > PARENT_MAX or c_epoch < 0 or c_count < -1:
         raise _bad(path, "corrupt cell record")
     cells = {}
     for i in range(min(cells_next, N_CELLS)):
         m_epoch, m_count = _CELLMAP.unpack_from(data, OFF_CELL + _CELL_HEAD.size + i * 16)
         if m_epoch > 0 and m_count >= 0:
             cells[m_epoch] = m_count
-    source = None
+    source = parent = None
     if c_seq % 2 == 0:
-        start = OFF_CELL + _CELL_HEAD.size + N_CELLS * _CELLMAP.size
-        source = data[start:start + source_len].decode("utf-8", "replace")
+        source = data[OFF_SOURCE:OFF_SOURCE + source_len].decode("utf-8", "replace")
+        parent = data[OFF_PARENT:OFF_PARENT + parent_len] or None
 
     # Alerts, oldest first.
     a_seq, total = _ALERTS_HEAD.unpack_from(data, OFF_ALERTS)
@@ -199,8 +204,8 @@ def read(path):
         if stamp == k + 1 and 0 <= s_rss <= MAX_BYTES and abs(s_tracked) <= MAX_BYTES:
             samples.append((s_t, s_rss, s_tracked, s_epoch))
     return BlackBox(path, pid, _text(connection), started, c_epoch,
-                    c_count if c_count >= 0 else None, source, c_started, cells, state, sites,
-                    alerts, samples)
+                    c_count if c_count >= 0 else None, source, c_started, parent, cells,
+                    state, sites, alerts, samples)
 
 
 def default_dir():

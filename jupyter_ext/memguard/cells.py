@@ -26,6 +26,18 @@ def _current_parent():
     return None
 
 
+def _packed_header(parent):
+    """The execute_request's header as JSON bytes (the kernel Session's own packer, which
+    knows its dates), for the black box, or None. The launcher parents its alerts with it
+    while the kernel's own IOPub messages wait for the GIL."""
+    if parent is None:
+        return None
+    try:
+        return STATE.kernel.session.pack(parent["header"])
+    except Exception:  # noqa: BLE001 - an odd header must not stop the cell
+        return None
+
+
 def learn_count_offset(shell):
     """Before the first cell, when memguard loads outside any cell (at kernel start,
     ``python -m memguard install``): how far ``shell.execution_count`` will be ahead of the
@@ -67,7 +79,8 @@ def begin(info=None):
     # The native domain at the start, for the record's "native" (native memory kept).
     cell.native_start = coreview.snapshot(STATE.core).native
     raw = getattr(info, "raw_cell", None) or ""
-    STATE.core.blackbox_set_cell(cell.epoch, -1 if count is None else count, raw)
+    STATE.core.blackbox_set_cell(cell.epoch, -1 if count is None else count, raw,
+                                 _packed_header(cell.parent))
     if STATE.pending_report is not None and (cell.parent is not None or STATE.kernel is None):
         alert, STATE.pending_report = STATE.pending_report, None
         records.publish(cell, alert, ("crash_report",))

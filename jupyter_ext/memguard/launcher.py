@@ -16,8 +16,10 @@ announced under its cell as it happens.
    socket connected to the private endpoint, subscriptions forwarded back), watching the
    ``status`` and ``execute_input`` messages go by to know the running ``execute_request``;
 5. receives the C monitor's records (memguard's ``mg_wire_t``, ``_core.WIRE_FORMAT``) on a
-   PULL socket bound to that endpoint and publishes the alert of each under the running
-   cell at once (``display_data`` signed with jupyter_client's ``Session``, with the
+   PULL socket bound to that endpoint and publishes the alert of each under its cell at
+   once (the cell's ``execute_request`` header comes from the kernel's black box, which
+   memguard writes when the cell starts: the kernel's own ``status`` message for it may
+   still wait for the GIL) (``display_data`` signed with jupyter_client's ``Session``, with the
    ``display_id`` of ``relay.display_id``, which the kernel's own, richer alert then
    updates in place);
 6. forwards SIGINT and SIGTERM to the kernel, and exits with the kernel's status: its exit
@@ -489,6 +491,35 @@ class Launcher:
                 return box
         return None
 
+    def _cell_parent(self, epoch, box):
+        """The header of the execute_request that cell ``epoch`` answers, or None.
+
+        The kernel writes it into its black box when the cell starts; that is the source
+        to trust, since the kernel's own ``status: busy`` for the cell is sent by its IOPub
+        thread, which needs the GIL: a cell that enters a C call holding the GIL at once
+        (``json.loads``, ``pickle.load``) can run for seconds before the launcher sees it.
+        Without a box (or for an older cell) it is the request running now, or the last
+        one that ran."""
+        if box is not None and box.cell_epoch == epoch and box.cell_parent:
+            try:
+                header = json.loads(box.cell_parent)
+            except ValueError:  # read while being written: try the traffic instead
+                header = None
+            if isinstance(header, dict) and isinstance(header.get("msg_id"), str):
+                for known in (self.running, self.last_exec):
+                    if known is not None and known.get("msg_id") == header["msg_id"]:
+                        return known
+                return header
+        return self.running or self.last_exec
+
+    def _cell_count(self, epoch, parent, box):
+        """The execution count of cell ``epoch`` (from its execute_input, else from the
+        black box's cell map), or None."""
+        count = self.counts.get(parent.get("msg_id"))
+        if count is None and box is not None:
+            count = box.cells.get(epoch)
+        return count
+
     def _publish(self, msg_type, data, parent, did, metadata=None):
         topic = f"kernel.memguard-launcher.{msg_type}".encode()
         content = {"data": data, "metadata": {}, "transient": {"display_id": did}}
@@ -509,17 +540,17 @@ class Launcher:
             return
         box = None
         for rec in recs:
+            if box is None:
+                box = self._box() or False
             if rec["epoch"] not in self.epoch_parent:
-                parent = self.running or self.last_exec
+                parent = self._cell_parent(rec["epoch"], box or None)
                 if parent is None:
                     continue
                 self.epoch_parent[rec["epoch"]] = parent
                 if len(self.epoch_parent) > 1000:
                     self.epoch_parent.pop(next(iter(self.epoch_parent)))
             parent = self.epoch_parent[rec["epoch"]]
-            if box is None:
-                box = self._box() or False
-            count = self.counts.get(parent.get("msg_id"))
+            count = self._cell_count(rec["epoch"], parent, box or None)
             try:
                 alert, cause = record_alert(self.core, rec, count, box or None,
                                             self.first_budget.get(rec["epoch"]))
@@ -554,7 +585,9 @@ class Launcher:
 
     def announce_death(self, signum):
         """Publish the kernel_died alert under the cell that was running."""
-        parent = self.running or self.last_exec
+        box = self._box()
+        parent = self._cell_parent(box.cell_epoch, box) if box is not None else \
+            self.running or self.last_exec
         if parent is None or self.kernel_session is None:
             return
         if self.cgroup is None:  # never seen: the zombie may still say where it was
@@ -571,11 +604,11 @@ class Launcher:
             n = system_oom_kills()
             if n is not None and self.vmstat_oom0 is not None and n > self.vmstat_oom0:
                 oom = "the OOM killer (system-wide; /proc/vmstat oom_kill moved)"
-        box = self._box()
         if limit_bytes is None and box is not None and box.state.get("limit"):
             limit_bytes = box.state["limit"]
             limit_source = _MEASURE_SOURCE.get(box.state.get("limit_measure"), "physical")
-        count = self.counts.get(parent.get("msg_id"))
+        count = self._cell_count(box.cell_epoch, parent, box) if box is not None else \
+            self.counts.get(parent.get("msg_id"))
         alert = death_alert(signum, self.proc.pid, box, count, oom, limit_bytes, limit_source)
         epoch = box.cell_epoch if box is not None else 0
         did = display_id(self.kernel_session, epoch, ("kernel_died",))
