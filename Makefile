@@ -31,7 +31,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 .PHONY: all demo test ctest pytest check-asan check-valgrind check-tsan test-compat lock clean deps \
 	fuzz fuzz-short check-sanitize \
 	bench bench-latency bench-launcher bench-attribution bench-monitor bench-overhead bench-quick bench-callgrind \
-	test-browser bench-dask
+	test-browser bench-dask pytest-rest test-matrix lock-matrix
 
 all: .stamp-installed
 
@@ -85,9 +85,16 @@ ctest: $(C_TESTS)
 pytest: .stamp-installed .stamp-apt-browser
 	cd tests && MEMGUARD_REQUIRE_BROWSER=1 ../$(VPY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) .
 
-# CI (.ci/run) runs this: the C tests also under ASan+UBSan and valgrind (the C part of
-# check-sanitize), and each fuzz target for 5 s.
-test: ctest pytest fuzz-short check-asan check-valgrind check-tsan
+# CI (.ci/run) runs this: the C tests also under ASan+UBSan, valgrind and ThreadSanitizer,
+# each fuzz target for 5 s, and the kernel tests on every CPython 3.10-3.13 (test-matrix).
+# The developer venv runs the other Python tests (pytest-rest): the kernel tests run in the
+# matrix, on this venv's version too, from the wheel.
+test: ctest pytest-rest fuzz-short check-asan check-valgrind check-tsan test-matrix
+
+MATRIX_TESTS = $(shell $(PY) tests/matrix.py --list-tests)
+pytest-rest: .stamp-installed .stamp-apt-browser
+	cd tests && MEMGUARD_REQUIRE_BROWSER=1 ../$(VPY) -m pytest -q -p no:cacheprovider \
+	  $(addprefix --ignore=,$(MATRIX_TESTS)) $(PYTEST_ARGS) .
 
 fuzz-short:
 	$(MAKE) fuzz FUZZ_SECONDS=5

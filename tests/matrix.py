@@ -3,7 +3,8 @@ a fresh venv with that version's pinned stack, memguard installed from a wheel b
 the sdist the way a user installs it (``pip install``, isolated build, no apt, no
 ``--no-build-isolation``).
 
-Usage: ``python tests/matrix.py [--versions 3.10,3.13] [--require-all] [PYTEST_ARGS...]``
+Usage: ``python tests/matrix.py [--versions 3.10,3.13] [--require-all] [--list-tests]
+[PYTEST_ARGS...]``
 (``make test-matrix``). For each version X.Y:
 
 1. find an interpreter: ``pythonX.Y`` on PATH, else the newest ``$(pyenv root)/versions/X.Y.*``;
@@ -13,6 +14,8 @@ Usage: ``python tests/matrix.py [--versions 3.10,3.13] [--require-all] [PYTEST_A
    wheel from ``build/matrix/dist/memguard-*.tar.gz`` with ``pip wheel`` and install it;
 3. install a ``python3`` kernelspec into the venv and run the kernel tests there.
 
+Step 2 runs for all versions at once; step 3 one version at a time.
+
 Prints one line per version (ran / passed / failed / not found) and exits non-zero if any
 version failed, or if ``--require-all`` (the default under ``CI=true``) and one was not found.
 """
@@ -20,6 +23,7 @@ version failed, or if ``--require-all`` (the default under ``CI=true``) and one 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import glob
 import os
 import pwd
@@ -93,8 +97,13 @@ def main(argv=None) -> int:
     ap.add_argument("--versions", default=",".join(VERSIONS))
     ap.add_argument("--require-all", action="store_true",
                     default=os.environ.get("CI", "").lower() == "true")
+    ap.add_argument("--list-tests", action="store_true",
+                    help="print the test files the matrix runs, one per line, and exit")
     ap.add_argument("pytest_args", nargs="*")
     args = ap.parse_args(argv)
+    if args.list_tests:
+        print("\n".join(KERNEL_TESTS))
+        return 0
     versions = [v for v in args.versions.split(",") if v]
     unknown = [v for v in versions if v not in VERSIONS]
     if unknown:
@@ -114,6 +123,7 @@ def main(argv=None) -> int:
             if p.name != "dist":
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
     results = {}
+    jobs = {}  # version -> (setup command, test command)
     for version, python in pythons.items():
         if python is None:
             results[version] = "not found"
@@ -131,21 +141,39 @@ def main(argv=None) -> int:
         env += [f"{k}={v}" for k, v in os.environ.items()
                 if k.startswith("PIP_") or k.startswith("OPENBLAS_")]
         pin = ROOT / "requirements" / f"matrix-py{version}.txt"
-        script = " && ".join([
+        setup = " && ".join([
             f"mkdir -p {home}",
             f"{python} -m venv --clear {venv}",
             f"{venv}/bin/pip install -q -r {pin}",
             f"{venv}/bin/pip wheel -q --no-deps -w {vdir}/wheel {sdists[0]}",
             f"{venv}/bin/pip install -q -c {pin} {vdir}/wheel/memguard-*.whl",
             f"{venv}/bin/python -m ipykernel install --sys-prefix --name python3 >/dev/null",
+        ])
+        test = " && ".join([
             f"cd {ROOT}/tests",
             f"{venv}/bin/python -m pytest -q -p no:cacheprovider "
             + " ".join(KERNEL_TESTS + tuple(args.pytest_args)),
         ])
-        cmd = prefix + ["env", *env, "sh", "-c", script] if prefix else \
-            ["env", *env, "sh", "-c", script]
-        print(f"\n=== CPython {version}: {python}", flush=True)
-        rc = run(cmd).returncode
+        jobs[version] = tuple((prefix + ["env", *env, "sh", "-c", script]) if prefix else
+                              ["env", *env, "sh", "-c", script] for script in (setup, test))
+
+    # The venvs are made and the wheels built side by side (mostly pip unpacking and one C
+    # compile each); the kernel tests then run one version at a time, since some of them
+    # time alerts and must not compete for the CPU.
+    print(f"matrix: setting up {', '.join(jobs)} side by side", flush=True)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(jobs))) as pool:
+        setups = {v: pool.submit(subprocess.run, cmd[0], stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+                  for v, cmd in jobs.items()}
+    for version, (setup_cmd, test_cmd) in jobs.items():
+        print(f"\n=== CPython {version}: {pythons[version]}", flush=True)
+        print("+", " ".join(map(str, setup_cmd)), flush=True)
+        done = setups[version].result()
+        sys.stdout.write(done.stdout)
+        if done.returncode != 0:
+            results[version] = f"FAILED (set-up, exit {done.returncode})"
+            continue
+        rc = run(test_cmd).returncode
         results[version] = "passed" if rc == 0 else f"FAILED (exit {rc})"
 
     print("\nversion matrix (kernel tests, memguard installed from its wheel):")
