@@ -7,6 +7,7 @@
 #include "mg_acct.h"
 #include "mg_frames.h"
 #include "mg_hooks.h"
+#include "mg_reentry.h"
 #include "mg_ring.h"
 #include "mg_sites.h"
 
@@ -17,7 +18,7 @@
  * flagged once per cell. Hooks (CAS). */
 static _Atomic int64_t s_flagged_epoch = 0;
 
-static void hooks_push(uint32_t kind, int32_t line, int64_t bytes, int64_t count)
+MG_HOOKSAFE void mg_hooks_push(uint32_t kind, int32_t line, int64_t bytes, int64_t count)
 {
     mg_event_t ev;
 
@@ -49,11 +50,11 @@ MG_HOOKSAFE int mg_hooks_refuse(int was, size_t n)
         if (seen != epoch && atomic_compare_exchange_strong_explicit(
                                  &s_flagged_epoch, &seen, epoch, memory_order_relaxed,
                                  memory_order_relaxed))
-            hooks_push(MG_KIND_LIMIT_REQUEST, line, (int64_t)n, 0);
+            mg_hooks_push(MG_KIND_LIMIT_REQUEST, line, (int64_t)n, 0);
         return 0;
     }
     mg_acct_note_refusal(n, why, line);
-    hooks_push(MG_KIND_REFUSED, line, (int64_t)n, (int64_t)why);
+    mg_hooks_push(MG_KIND_REFUSED, line, (int64_t)n, (int64_t)why);
     return 1;
 }
 
@@ -71,7 +72,7 @@ MG_HOOKSAFE int mg_hooks_refuse_heap(int was, size_t n)
     if (line < 1)
         return 0;
     mg_acct_note_refusal(n, MG_REFUSE_LIMIT, line);
-    hooks_push(MG_KIND_REFUSED, line, (int64_t)n, (int64_t)MG_REFUSE_LIMIT);
+    mg_hooks_push(MG_KIND_REFUSED, line, (int64_t)n, (int64_t)MG_REFUSE_LIMIT);
     return 1;
 }
 
@@ -89,7 +90,7 @@ MG_HOOKSAFE void mg_hooks_count_alloc(mg_domain_t d, size_t n, void *p)
     if (!crossed)
         return;
     /* Rarer still: once per cell. */
-    hooks_push(MG_KIND_BUDGET, line == LINE_UNREAD ? mg_frames_cell_line() : line, (int64_t)n, 0);
+    mg_hooks_push(MG_KIND_BUDGET, line == LINE_UNREAD ? mg_frames_cell_line() : line, (int64_t)n, 0);
 }
 
 MG_HOOKSAFE void mg_hooks_count_free(mg_domain_t d, size_t n, void *p)
@@ -140,4 +141,25 @@ MG_HOOKSAFE void mg_hooks_after_realloc(int count, mg_domain_t d, size_t old, vo
         return;
     mg_acct_free(d, old);
     mg_hooks_count_alloc(d, malloc_usable_size(p), p);
+}
+
+MG_HOOKSAFE void *mg_hooks_realloc(mg_domain_t d, int (*refuse)(int was, size_t n),
+                                   void *(*real)(void *ctx, void *ptr, size_t n), void *ctx,
+                                   void *ptr, size_t n)
+{
+    int was = mg_reentry_enter();
+    int count = mg_hooks_counting(was);
+    size_t cur = (count && ptr != NULL) ? malloc_usable_size(ptr) : 0;
+    size_t old;
+    void *p;
+
+    if (count && n > cur && refuse(was, n - cur)) {
+        mg_reentry_leave(was);
+        return NULL; /* the old block stays valid, as after a failed realloc */
+    }
+    old = mg_hooks_realloc_old(count, ptr);
+    p = real(ctx, ptr, n);
+    mg_hooks_after_realloc(count, d, old, p);
+    mg_reentry_leave(was);
+    return p;
 }

@@ -84,20 +84,6 @@ static int32_t native_line(void)
     return -1;
 }
 
-static void native_push(uint32_t kind, int32_t line, int64_t bytes)
-{
-    mg_event_t ev;
-
-    ev.kind = kind;
-    ev.line = line;
-    ev.epoch = mg_acct_epoch();
-    ev.bytes = bytes;
-    ev.usage = mg_acct_cell_usage();
-    ev.count = 0;
-    ev.t = mg_ring_now();
-    (void)mg_ring_push(&ev); /* a full ring counts the drop itself */
-}
-
 /* mg_hooks_count_alloc with native_line for the site and the crossing. Hook-safe. */
 static void native_count_alloc(size_t n, void *p)
 {
@@ -109,7 +95,7 @@ static void native_count_alloc(size_t n, void *p)
         mg_sites_alloc(p, n, mg_acct_epoch(), line);
     }
     if (crossed)
-        native_push(MG_KIND_BUDGET, line == -2 ? native_line() : line, (int64_t)n);
+        mg_hooks_push(MG_KIND_BUDGET, line == -2 ? native_line() : line, (int64_t)n, 0);
 }
 
 /* ---- anonymous mappings -------------------------------------------------------------- */
@@ -312,7 +298,7 @@ static int64_t resident_bytes(uintptr_t s, uintptr_t e)
  * the relay uses the line the cell's thread is running). */
 static void settle_push_budget(int64_t bytes)
 {
-    native_push(MG_KIND_BUDGET, -1, bytes);
+    mg_hooks_push(MG_KIND_BUDGET, -1, bytes, 0);
 }
 
 void mg_native_settle(void)

@@ -63,21 +63,8 @@ static void *np_calloc(void *ctx, size_t nelem, size_t elsize)
 static void *np_realloc(void *ctx, void *ptr, size_t n)
 {
     PyDataMemAllocator *prev = ctx;
-    int was = mg_reentry_enter();
-    int count = mg_hooks_counting(was);
-    size_t cur = (count && ptr != NULL) ? malloc_usable_size(ptr) : 0;
-    size_t old;
-    void *p;
 
-    if (count && n > cur && mg_hooks_refuse(was, n - cur)) {
-        mg_reentry_leave(was);
-        return NULL; /* the old block stays valid, as after a failed realloc */
-    }
-    old = mg_hooks_realloc_old(count, ptr);
-    p = prev->realloc(prev->ctx, ptr, n);
-    mg_hooks_after_realloc(count, MG_DOMAIN_NUMPY, old, p);
-    mg_reentry_leave(was);
-    return p;
+    return mg_hooks_realloc(MG_DOMAIN_NUMPY, mg_hooks_refuse, prev->realloc, prev->ctx, ptr, n);
 }
 
 static void np_free(void *ctx, void *ptr, size_t size)
@@ -101,11 +88,6 @@ static PyDataMem_Handler s_handler = {
         np_free,           /* counts before the real free; passes NumPy's size on */
     },
 };
-
-int mg_hooks_numpy_installed(void)
-{
-    return s_installed;
-}
 
 int mg_hooks_numpy_install(void)
 {

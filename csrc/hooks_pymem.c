@@ -86,21 +86,9 @@ static void *raw_calloc(void *ctx, size_t nelem, size_t elsize)
 static void *raw_realloc(void *ctx, void *ptr, size_t n)
 {
     const PyMemAllocatorEx *prev = raw_prev(ctx);
-    int was = mg_reentry_enter();
-    int count = mg_hooks_counting(was);
-    size_t cur = (count && ptr != NULL) ? malloc_usable_size(ptr) : 0;
-    size_t old;
-    void *p;
 
-    if (count && n > cur && mg_hooks_refuse_heap(was, n - cur)) {
-        mg_reentry_leave(was);
-        return NULL; /* the old block stays valid, as after a failed realloc */
-    }
-    old = mg_hooks_realloc_old(count, ptr);
-    p = prev->realloc(prev->ctx, ptr, n);
-    mg_hooks_after_realloc(count, MG_DOMAIN_RAW, old, p);
-    mg_reentry_leave(was);
-    return p;
+    return mg_hooks_realloc(MG_DOMAIN_RAW, mg_hooks_refuse_heap, prev->realloc, prev->ctx, ptr,
+                            n);
 }
 
 static void raw_free(void *ctx, void *ptr)

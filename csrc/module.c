@@ -101,16 +101,6 @@ static PyObject *core_native_stats(PyObject *self, PyObject *unused)
                          "map_dropped", (unsigned long long)st.map_dropped, "failed", failed);
 }
 
-static PyObject *core_set_enabled(PyObject *self, PyObject *arg)
-{
-    int on = PyObject_IsTrue(arg);
-
-    if (on < 0)
-        return NULL;
-    mg_acct_set_enabled(on);
-    Py_RETURN_NONE;
-}
-
 static int core_parse_budget(PyObject *obj, int64_t *out)
 {
     long long v = PyLong_AsLongLong(obj);
@@ -506,8 +496,6 @@ static PyMethodDef core_methods[] = {
      "native_stats() -> dict\n\ninstalled, slots (patched now), objects (scanned in the last "
      "pass), mappings (anonymous mappings counted), map_dropped, failed (names of objects "
      "that could not be patched)."},
-    {"set_enabled", core_set_enabled, METH_O,
-     "set_enabled(on: bool) -> None\n\nTurn counting on or off; off, hooks pass through."},
     {"cell_begin", core_cell_begin, METH_VARARGS,
      "cell_begin(epoch: int, budget: int) -> None\n\nStart a cell: epoch > 0, budget in "
      "bytes (0 = none). Usage is measured from the tracked bytes at this moment."},

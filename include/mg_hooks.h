@@ -15,6 +15,11 @@
  * running cell cross its budget, push an MG_KIND_BUDGET event to the ring. Hook-safe. */
 MG_HOOKSAFE void mg_hooks_count_alloc(mg_domain_t d, size_t n, void *p);
 
+/* Push an event of `kind` for the running cell to the ring (its epoch, the cell usage now
+ * and the time filled in); a full ring counts the drop itself. `line` -1 if unknown; `count`
+ * is kind-specific (the mg_refusal_t of an MG_KIND_REFUSED, else 0). Any thread. Hook-safe. */
+MG_HOOKSAFE void mg_hooks_push(uint32_t kind, int32_t line, int64_t bytes, int64_t count);
+
 /* Decide, before a NumPy allocation of n bytes is made, whether it must fail: in raise
  * mode, when it would take the cell over its budget or the process over its limit
  * (mg_acct_check_request); the refusal is recorded (mg_acct_note_refusal, for the
@@ -51,6 +56,14 @@ MG_HOOKSAFE int mg_hooks_counting(int was);
 MG_HOOKSAFE size_t mg_hooks_realloc_old(int count, void *ptr);
 MG_HOOKSAFE void mg_hooks_after_realloc(int count, mg_domain_t d, size_t old, void *p);
 
+/* The whole realloc wrapper of an allocator domain whose realloc takes a ctx (PyMem RAW,
+ * NEP 49): refuse growth by n - usable size with `refuse` (mg_hooks_refuse or
+ * mg_hooks_refuse_heap; the old block then stays valid, as after a failed realloc), else
+ * call real(ctx, ptr, n) and count it as above. Hook-safe. */
+MG_HOOKSAFE void *mg_hooks_realloc(mg_domain_t d, int (*refuse)(int was, size_t n),
+                                   void *(*real)(void *ctx, void *ptr, size_t n), void *ctx,
+                                   void *ptr, size_t n);
+
 /* Wrap the PyMem RAW allocator and the pymalloc arena allocator, saving the previous ones
  * as the wrappers' ctx. Idempotent: wrappers still in the chain (even under another layer
  * that stacked on top, such as tracemalloc started later) are not wrapped again; a RAW
@@ -74,8 +87,5 @@ int mg_hooks_pymem_uninstall(void);
  * not counted), -1 with a Python exception set (NumPy missing or older than 1.22). GIL
  * held. */
 int mg_hooks_numpy_install(void);
-
-/* Non-zero once mg_hooks_numpy_install patched the default handler. Any thread. */
-int mg_hooks_numpy_installed(void);
 
 #endif /* MEMGUARD_MG_HOOKS_H */
