@@ -12,6 +12,12 @@ build/alert-notebook7.png. Finally the saved notebook goes through ``jupyter nbc
 html`` and the export is opened as a file (build/alert-nbconvert.png). In every theme the
 alert's text must contrast with what is behind it at least 4.5:1 (WCAG AA).
 
+A second notebook uses memguard's launcher kernelspec (``python -m memguard install
+--kernelspec``, into a temporary prefix): a cell holding the GIL in ``json.loads`` for
+seconds must show its budget alert while the cell still runs, and a cell that SIGKILLs its
+kernel must get the launcher's death notice under it, and no other cell any
+(build/alert-launcher-death.png).
+
 Where the browser must run (``make test`` and ``make test-browser`` set
 ``MEMGUARD_REQUIRE_BROWSER=1`` and install chromium first; CI sets ``CI=true``), a missing
 chromium, chromedriver, JupyterLab, Notebook 7 or selenium fails the test. Only a plain
@@ -88,6 +94,18 @@ CELLS = [  # (type, source); the budget cell is the third cell (index 2)
     ("code", "print('a later cell')"),
 ]
 BUDGET = 2
+
+# The launcher kernelspec (`python -m memguard install --kernelspec`): memguard loads at
+# kernel start. Cell 2 holds the GIL in json.loads for seconds; cell 3 kills its kernel.
+LAUNCHER_CELLS = [
+    ("markdown", "## memguard's launcher kernel in a real browser"),
+    ("code", "import json, os, signal\n"
+             "doc = '[' + ','.join(['[1234567,1234568,\"abcdefgh\"]'] * 7_000_000) + ']'"),
+    ("code", "%%memguard 200MB\nobj = json.loads(doc)  # ~1.5 GB of objects, GIL held\n"
+             "del obj"),
+    ("code", "keep = list(range(5_000_000))\nos.kill(os.getpid(), signal.SIGKILL)"),
+]
+GIL_CELL, KILL_CELL = 2, 3
 
 # One reading of the notebook's DOM: per cell, its prompt and its memguard alerts.
 SNAPSHOT_JS = """
@@ -167,15 +185,21 @@ def server():
                 {"fetchNews": "false", "checkForUpdates": False})
     import nbformat
 
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
-                                 "language": "python"}
-    nb.cells = [nbformat.v4.new_markdown_cell(src) if kind == "markdown"
-                else nbformat.v4.new_code_cell(src) for kind, src in CELLS]
-    nbformat.write(nb, str(root / "alert.ipynb"))
+    for name, kernel, cells in (("alert.ipynb", "python3", CELLS),
+                                ("launcher.ipynb", "python3-memguard", LAUNCHER_CELLS)):
+        nb = nbformat.v4.new_notebook()
+        nb.metadata["kernelspec"] = {"name": kernel, "display_name": kernel,
+                                     "language": "python"}
+        nb.cells = [nbformat.v4.new_markdown_cell(src) if kind == "markdown"
+                    else nbformat.v4.new_code_cell(src) for kind, src in cells]
+        nbformat.write(nb, str(root / name))
+    # The launcher kernelspec, where only this server looks for kernels.
+    subprocess.run([sys.executable, "-m", "memguard", "install", "--kernelspec", "--prefix",
+                    str(tmp / "prefix")], check=True, capture_output=True, timeout=TIMEOUT)
     env = {**os.environ, "JUPYTER_CONFIG_DIR": str(conf), "JUPYTER_DATA_DIR": str(tmp / "data"),
            "JUPYTER_RUNTIME_DIR": str(tmp / "runtime"), "IPYTHONDIR": str(tmp / "ipython"),
-           "MEMGUARD_DIR": str(tmp / "memguard")}
+           "MEMGUARD_DIR": str(tmp / "memguard"),
+           "JUPYTER_PATH": str(tmp / "prefix" / "share" / "jupyter")}
     BUILD.mkdir(exist_ok=True)
     log = open(BUILD / "browser-jupyter.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser"], env=env,
@@ -397,3 +421,71 @@ def test_budget_alert_shows_under_the_running_cell_in_jupyterlab_and_notebook7(s
     browser.save_screenshot(str(BUILD / "alert-nbconvert.png"))
     print(f"browser test: {time.monotonic() - started:.1f} s; text contrast "
           + ", ".join(f"{k} {v:.1f}:1" for k, v in contrast.items()) + f"; screenshots in {BUILD}")
+
+
+# SNAPSHOT_JS for the notebook in front only (JupyterLab keeps the other one open).
+CURRENT_SNAPSHOT_JS = SNAPSHOT_JS.replace(
+    "document.querySelectorAll('.jp-Notebook .jp-Cell')",
+    "window.jupyterapp.shell.currentWidget.node.querySelectorAll('.jp-Notebook .jp-Cell')")
+
+
+def _budget_alerts(cell):
+    return [a for a in cell["alerts"] if "memguard-budget" in a["cls"]]
+
+
+def _watch_cell(driver, until, what):
+    """Read the front notebook's DOM every 50 ms until ``until(cells)``; returns the
+    readings."""
+    readings, t0 = [], time.monotonic()
+    while time.monotonic() - t0 < 3 * TIMEOUT:
+        cells = driver.execute_script(CURRENT_SNAPSHOT_JS)
+        readings.append((time.monotonic() - t0, cells))
+        if until(cells):
+            return readings
+        time.sleep(0.05)
+    pytest.fail(f"timed out waiting for {what}\n" + _timeline(readings))
+
+
+def test_launcher_kernel_alerts_while_the_gil_is_held_and_announces_its_death(server, browser):
+    base, token, _root = server
+    _open_notebook(browser, f"{base}/lab/tree/launcher.ipynb?token={token}")
+    assert browser.execute_script(
+        "return window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.name"
+    ) == "python3-memguard"
+    _run(browser, "notebook:run-cell", 1)
+    _watch_cell(browser, lambda cells: cells[1]["prompt"] == "[1]:", "the document cell")
+
+    # The GIL-holding cell: its budget alert shows while the prompt still says [*] (the
+    # cell's objects also get an accumulation alert, which this test does not look at).
+    _run(browser, "notebook:run-cell", GIL_CELL)
+    readings = _watch_cell(browser, lambda cells: cells[GIL_CELL]["prompt"] == "[2]:",
+                           "the json cell")
+    running = [c for _, c in readings if c[GIL_CELL]["prompt"] == "[*]:"]
+    shown = [c for c in running if _budget_alerts(c[GIL_CELL])]
+    assert shown, "no budget alert while json.loads ran\n" + _timeline(readings)
+    alert = _budget_alerts(shown[0][GIL_CELL])[0]
+    assert "cell budget exceeded" in alert["text"] and "line 2" in alert["text"], alert["text"]
+    # Seen well before the end: at least 1 s of readings still [*] after the first alert.
+    t_first = next(t for t, c in readings if _budget_alerts(c[GIL_CELL]))
+    t_end = next(t for t, c in readings if c[GIL_CELL]["prompt"] == "[2]:")
+    assert t_end - t_first > 1.0, _timeline(readings)
+    for _, cells in readings:
+        assert len(_budget_alerts(cells[GIL_CELL])) <= 1, "the alert was duplicated"
+        assert not any(c["alerts"] for i, c in enumerate(cells) if i != GIL_CELL)
+
+    # The killed kernel: the death notice under the cell that ran, before the restart.
+    _run(browser, "notebook:run-cell", KILL_CELL)
+    readings = _watch_cell(browser,
+                           lambda cells: any("kernel died" in a["text"]
+                                             for a in cells[KILL_CELL]["alerts"]),
+                           "the death notice under the killed cell")
+    notice = readings[-1][1][KILL_CELL]["alerts"][-1]
+    assert "memguard-crash" in notice["cls"] and "SIGKILL" in notice["text"], notice["text"]
+    assert "<script" not in notice["html"]
+    for _, cells in readings:
+        assert not any("kernel died" in a["text"] for i, c in enumerate(cells)
+                       if i != KILL_CELL for a in c["alerts"])
+    browser.execute_script(
+        "window.jupyterapp.shell.currentWidget.node.querySelectorAll('.jp-Notebook .jp-Cell')"
+        "[arguments[0]].scrollIntoView({block: 'center'})", KILL_CELL)
+    browser.save_screenshot(str(BUILD / "alert-launcher-death.png"))

@@ -5,8 +5,8 @@ what the cell allocated, and the fixed cell (like every other cell) gets none.""
 # what this shows: memguard catches, in a real kernel and on the cell line responsible,
 # a write buffer of small dicts that never flushes (accumulation through pymalloc arenas), a
 # dict of dense subsets (accumulation of NumPy arrays), np.concatenate's inputs + output peak
-# (accumulation, then budget) and SQLite's native memory that no hook sees (budget from the
-# RSS gap, with untracked_bytes); each notebook's fix runs with no alert. The expected sizes
+# (accumulation, then budget) and SQLite's native memory (budget, counted by the native
+# hooks, with a small untracked_bytes); each notebook's fix runs with no alert. The expected sizes
 # come from the notebooks' own parameters (their literal assignments), or, for SQLite, from
 # SQLite's own counter as printed by the cell.
 
@@ -212,7 +212,7 @@ def test_concatenate_fix_preallocates_and_gets_no_alert(run_notebook):
     assert "same values as the bad version" in _stdout(_cell(nb, "fix-preallocate"))
 
 
-# --- 4. native memory outside the hooks: the untracked gap -----------------------------------
+# --- 4. native memory: SQLite's, counted; the untracked gap as a check ----------------------
 
 def test_in_memory_sqlite_gets_a_budget_alert_with_the_untracked_gap(run_notebook):
     nb = run_notebook("untracked_gap.ipynb")

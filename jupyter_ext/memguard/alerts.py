@@ -30,8 +30,8 @@ def budget_alert(state, cell, line, usage, peak, budget, request, gap, top_site=
     ``gap`` is a dict ``{"rss_bytes", "rss_growth", "untracked_bytes"}``: RSS now, RSS
     growth since the cell began, and the part of that growth no hook counted (native code,
     threads outside Python's allocators, allocator retention), all in bytes. When the
-    untracked part is what crossed the budget (the monitor's RSS rule, or untracked growth
-    larger than tracked usage), the message says so. ``top_site`` is
+    untracked part is what crossed the budget (RSS growth over the budget, and untracked
+    growth larger than tracked usage), the message says so. ``top_site`` is
     ``{"cell", "line", "bytes", "count"}`` for the line holding the most live attributed
     bytes in this cell, or None.
     """
@@ -42,7 +42,9 @@ def budget_alert(state, cell, line, usage, peak, budget, request, gap, top_site=
     untracked = gap["untracked_bytes"]
     tracked = usage if tracked is None else tracked
     at = f" at line {line}" if alert["line"] else ""
-    if untracked > max(tracked, 0):
+    # The RSS wording only while RSS growth is over the budget: an alert brought up to date
+    # after the cell freed its memory keeps the tracked wording and its peak.
+    if untracked > max(tracked, 0) and gap["rss_growth"] > budget:
         alert["message"] = (
             f"This cell's memory (RSS) grew by {format_size(gap['rss_growth'])}, over its budget "
             f"of {format_size(budget)}{at}, and {format_size(untracked)} of it is untracked: "

@@ -404,22 +404,22 @@ class Launcher:
     # -- IOPub traffic -------------------------------------------------------------------
 
     def _inspect(self, frames):
-        """Learn from one kernel IOPub message (zmq.Frame list). Returns replacement frames
+        """Learn from one kernel IOPub message (its frames, bytes). Returns replacement frames
         (bytes) for it, or None to forward it as it is."""
-        topic = frames[0].bytes if len(frames) > 1 else b""
+        topic = frames[0] if len(frames) > 1 else b""
         if not (topic.endswith(b".status") or topic.endswith(b".execute_input")
                 or topic.endswith(b"display_data")):
             return None
         try:
-            d = next(i for i, f in enumerate(frames[:8]) if f.bytes == DELIM)
-            header = json.loads(frames[d + 2].bytes)
+            d = next(i for i, f in enumerate(frames[:8]) if f == DELIM)
+            header = json.loads(frames[d + 2])
         except (StopIteration, IndexError, ValueError):
             return None
         msg_type = header.get("msg_type")
         self.kernel_session = header.get("session", self.kernel_session)
         if msg_type == "status":
-            parent = json.loads(frames[d + 3].bytes)
-            state = json.loads(frames[d + 5].bytes).get("execution_state")
+            parent = json.loads(frames[d + 3])
+            state = json.loads(frames[d + 5]).get("execution_state")
             if parent.get("msg_type") == "execute_request":
                 if state == "busy":
                     self.running = self.last_exec = parent
@@ -428,14 +428,14 @@ class Launcher:
                         self.running.get("msg_id") == parent.get("msg_id"):
                     self.running = None
         elif msg_type == "execute_input":
-            parent = json.loads(frames[d + 3].bytes)
-            count = json.loads(frames[d + 5].bytes).get("execution_count")
+            parent = json.loads(frames[d + 3])
+            count = json.loads(frames[d + 5]).get("execution_count")
             self.counts[parent.get("msg_id")] = count
             if len(self.counts) > 10_000:
                 self.counts.pop(next(iter(self.counts)))
         elif msg_type in ("display_data", "update_display_data") and \
-                b'"memguard-' in frames[d + 5].bytes:
-            content = json.loads(frames[d + 5].bytes)
+                b'"memguard-' in frames[d + 5]:
+            content = json.loads(frames[d + 5])
             did = (content.get("transient") or {}).get("display_id") or ""
             if not did.startswith("memguard-"):
                 return None
@@ -444,7 +444,7 @@ class Launcher:
             if msg_type == "update_display_data" and not known:
                 # The kernel's relay was first (the launcher had not published this display):
                 # show it, as display_data, re-signed.
-                msg = self.session.deserialize([f.bytes for f in frames[d + 1:]])
+                msg = self.session.deserialize(frames[d + 1:])
                 out = self.session.msg("display_data", content, parent=msg["parent_header"],
                                        metadata=msg["metadata"])
                 return [topic.replace(b"update_display_data", b"display_data")] + \
@@ -454,7 +454,9 @@ class Launcher:
     def forward_iopub(self):
         for _ in range(MAX_BATCH):
             try:
-                frames = self.xsub.recv_multipart(zmq.NOBLOCK, copy=False)
+                # Copied frames: IOPub messages are small, and pyzmq moves small messages
+                # faster as bytes than as zero-copy Frames.
+                frames = self.xsub.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             try:
@@ -462,7 +464,7 @@ class Launcher:
             except Exception:  # noqa: BLE001 - never stop forwarding
                 replaced = None
             if replaced is None:
-                self.xpub.send_multipart(frames, copy=False)
+                self.xpub.send_multipart(frames)
             else:
                 self.xpub.send_multipart(replaced)
 
