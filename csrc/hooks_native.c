@@ -32,7 +32,6 @@ typedef void *(*realloc_fn)(void *, size_t);
 typedef void (*free_fn)(void *);
 typedef int (*posix_memalign_fn)(void **, size_t, size_t);
 typedef void *(*aligned_fn)(size_t, size_t);
-typedef void *(*valloc_fn)(size_t);
 typedef void *(*reallocarray_fn)(void *, size_t, size_t);
 typedef void *(*mmap_fn)(void *, size_t, int, int, int, off_t);
 typedef int (*munmap_fn)(void *, size_t);
@@ -49,8 +48,8 @@ static free_fn r_free;
 static posix_memalign_fn r_posix_memalign;
 static aligned_fn r_aligned_alloc;
 static aligned_fn r_memalign;
-static valloc_fn r_valloc;
-static valloc_fn r_pvalloc;
+static malloc_fn r_valloc;
+static malloc_fn r_pvalloc;
 static reallocarray_fn r_reallocarray;
 static mmap_fn r_mmap;
 static munmap_fn r_munmap;
@@ -370,21 +369,33 @@ static void *nat_malloc(size_t n)
     return p;
 }
 
-static void *nat_malloc_r(size_t n)
+/* The refusing wrappers' first step: 1 when native_refuse refuses n bytes, with the
+ * reentry guard left and errno ENOMEM, as a failed malloc leaves it. */
+static int refused(int was, size_t n)
+{
+    if (!native_refuse(was, n))
+        return 0;
+    mg_reentry_leave(was);
+    errno = ENOMEM;
+    return 1;
+}
+
+/* An allocator of one size argument (malloc, valloc, pvalloc): count it and, from the
+ * refusing wrappers, refuse it first (native_refuse). */
+static void *sized_common(malloc_fn fn, size_t n, int refusing)
 {
     int was = mg_reentry_enter();
     void *p;
 
-    if (native_refuse(was, n)) {
-        mg_reentry_leave(was);
-        errno = ENOMEM;
+    if (refusing && refused(was, n))
         return NULL;
-    }
-    p = r_malloc(n);
+    p = fn(n);
     COUNT_ALLOC(was, p);
     mg_reentry_leave(was);
     return p;
 }
+
+static void *nat_malloc_r(size_t n) { return sized_common(r_malloc, n, 1); }
 
 static void *nat_calloc(size_t k, size_t n)
 {
@@ -403,11 +414,8 @@ static void *nat_calloc_r(size_t k, size_t n)
     int was = mg_reentry_enter();
     void *p;
 
-    if ((n == 0 || k <= SIZE_MAX / n) && native_refuse(was, k * n)) {
-        mg_reentry_leave(was);
-        errno = ENOMEM;
+    if ((n == 0 || k <= SIZE_MAX / n) && refused(was, k * n))
         return NULL;
-    }
     p = r_calloc(k, n);
     COUNT_ALLOC(was, p);
     mg_reentry_leave(was);
@@ -424,14 +432,9 @@ static void *realloc_common(void *ptr, size_t n, int refusing)
     if (refusing && count && ptr != NULL) {
         size_t cur = malloc_usable_size(ptr);
 
-        if (n > cur && native_refuse(was, n - cur)) {
-            mg_reentry_leave(was);
-            errno = ENOMEM;
+        if (n > cur && refused(was, n - cur))
             return NULL; /* the old block stays valid */
-        }
-    } else if (refusing && count && native_refuse(was, n)) {
-        mg_reentry_leave(was);
-        errno = ENOMEM;
+    } else if (refusing && count && refused(was, n)) {
         return NULL;
     }
     old = mg_hooks_realloc_old(count, ptr);
@@ -523,11 +526,8 @@ static void *aligned_common(aligned_fn fn, size_t align, size_t n, int refusing)
     int was = mg_reentry_enter();
     void *p;
 
-    if (refusing && native_refuse(was, n)) {
-        mg_reentry_leave(was);
-        errno = ENOMEM;
+    if (refusing && refused(was, n))
         return NULL;
-    }
     p = fn(align, n);
     COUNT_ALLOC(was, p);
     mg_reentry_leave(was);
@@ -539,26 +539,10 @@ static void *nat_aligned_alloc_r(size_t a, size_t n) { return aligned_common(r_a
 static void *nat_memalign(size_t a, size_t n) { return aligned_common(r_memalign, a, n, 0); }
 static void *nat_memalign_r(size_t a, size_t n) { return aligned_common(r_memalign, a, n, 1); }
 
-static void *valloc_common(valloc_fn fn, size_t n, int refusing)
-{
-    int was = mg_reentry_enter();
-    void *p;
-
-    if (refusing && native_refuse(was, n)) {
-        mg_reentry_leave(was);
-        errno = ENOMEM;
-        return NULL;
-    }
-    p = fn(n);
-    COUNT_ALLOC(was, p);
-    mg_reentry_leave(was);
-    return p;
-}
-
-static void *nat_valloc(size_t n) { return valloc_common(r_valloc, n, 0); }
-static void *nat_valloc_r(size_t n) { return valloc_common(r_valloc, n, 1); }
-static void *nat_pvalloc(size_t n) { return valloc_common(r_pvalloc, n, 0); }
-static void *nat_pvalloc_r(size_t n) { return valloc_common(r_pvalloc, n, 1); }
+static void *nat_valloc(size_t n) { return sized_common(r_valloc, n, 0); }
+static void *nat_valloc_r(size_t n) { return sized_common(r_valloc, n, 1); }
+static void *nat_pvalloc(size_t n) { return sized_common(r_pvalloc, n, 0); }
+static void *nat_pvalloc_r(size_t n) { return sized_common(r_pvalloc, n, 1); }
 
 /* ---- the mmap family ------------------------------------------------------------------ */
 
@@ -576,11 +560,8 @@ static void *mmap_common(void *addr, size_t len, int prot, int flags, int fd, of
     int count = mg_hooks_counting(was) && counts_mapping(prot, flags);
     void *p;
 
-    if (refusing && count && native_refuse(was, page_round(len))) {
-        mg_reentry_leave(was);
-        errno = ENOMEM;
+    if (refusing && count && refused(was, page_round(len)))
         return MAP_FAILED;
-    }
     p = r_mmap(addr, len, prot, flags, fd, off);
     if (count && p != MAP_FAILED)
         map_added(p, len);
@@ -790,8 +771,8 @@ int mg_native_install(void)
         r_posix_memalign = (posix_memalign_fn)resolve("posix_memalign");
         r_aligned_alloc = (aligned_fn)resolve("aligned_alloc");
         r_memalign = (aligned_fn)resolve("memalign");
-        r_valloc = (valloc_fn)resolve("valloc");
-        r_pvalloc = (valloc_fn)resolve("pvalloc");
+        r_valloc = (malloc_fn)resolve("valloc");
+        r_pvalloc = (malloc_fn)resolve("pvalloc");
         r_reallocarray = (reallocarray_fn)resolve("reallocarray");
         r_mmap = (mmap_fn)resolve("mmap");
         r_munmap = (munmap_fn)resolve("munmap");

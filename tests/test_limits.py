@@ -341,6 +341,46 @@ def test_hybrid_with_limits_in_both_hierarchies_takes_the_smaller(tree):
 # --- garbage and missing files ---------------------------------------------------------
 
 
+# --- memory_cgroups(pid): the launcher's view of its kernel's cgroup ---------------------
+
+
+def _as_pid(tree, pid):
+    """Move the fake /proc/self files to /proc/<pid>, as the launcher reads its kernel's."""
+    (tree.proc / "self").rename(tree.proc / str(pid))
+
+
+def _memory_cgroups(tree, pid):
+    return limits.memory_cgroups(pid, proc_root=str(tree.proc), sys_root=str(tree.root))
+
+
+def test_memory_cgroups_of_another_pid_v2(tree):
+    _v2(tree)
+    _as_pid(tree, 4242)
+    assert _memory_cgroups(tree, 4242) == [
+        (2, tree.path("/sys/fs/cgroup/user.slice/user-1000.slice/session-3.scope"))]
+
+
+def test_memory_cgroups_in_a_container_strip_the_mount_root(tree):
+    # Inside a container, the v1 memory mount shows the container's own cgroup as its root:
+    # /proc/PID/cgroup says /docker/abc, and the directory is the mount point itself.
+    _v1(tree, cgroup_path="/docker/abc", memory_root="/docker/abc")
+    _as_pid(tree, 7)
+    assert _memory_cgroups(tree, 7) == [(1, tree.path("/sys/fs/cgroup/memory"))]
+
+
+def test_memory_cgroups_hybrid_lists_unified_then_v1(tree):
+    _hybrid(tree)
+    _as_pid(tree, 99)
+    assert _memory_cgroups(tree, 99) == [
+        (2, tree.path("/sys/fs/cgroup/unified/user.slice/session-1.scope")),
+        (1, tree.path("/sys/fs/cgroup/memory/user.slice"))]
+
+
+def test_memory_cgroups_of_a_gone_pid_is_empty(tree):
+    _v2(tree)
+    assert _memory_cgroups(tree, 123456) == []
+
+
 def test_missing_proc_files_fall_back_to_rlimit_or_physical(tree):
     limit = tree.effective_limit()
 

@@ -121,28 +121,15 @@ def _field(text, name):
     return None
 
 
-def cgroup_of(pid, sys_root="/sys/fs/cgroup"):
-    """``(version, directory)`` of the memory cgroup of process ``pid`` (v2, or v1's memory
-    hierarchy), or None."""
-    text = _read(f"/proc/{pid}/cgroup")
-    if not text:
-        return None
+def cgroup_of(pid):
+    """``(version, directory)`` of the memory cgroup of process ``pid`` whose OOM killer
+    would end it (v1's memory hierarchy, else v2 with the memory controller), or None."""
     found = None
-    for line in text.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        hid, controllers, path = parts
-        if "memory" in controllers.split(","):
-            d = os.path.join(sys_root, "memory", path.lstrip("/"))
-            if os.path.exists(os.path.join(d, "memory.oom_control")):
-                return (1, d)
-        elif hid == "0" and controllers == "":
-            for root in (sys_root, os.path.join(sys_root, "unified")):
-                d = os.path.join(root, path.lstrip("/"))
-                if os.path.exists(os.path.join(d, "memory.events")):
-                    found = (2, d)
-                    break
+    for version, d in limits.memory_cgroups(pid):
+        if version == 1 and os.path.exists(os.path.join(d, "memory.oom_control")):
+            return (1, d)
+        if version == 2 and os.path.exists(os.path.join(d, "memory.events")):
+            found = (2, d)
     return found
 
 

@@ -272,10 +272,10 @@ def _hierarchy_dirs(mount: _Mount, cgroup_path: str, sys_root: str) -> Optional[
     return tuple(dirs)
 
 
-def _hierarchies(proc_root: str, sys_root: str) -> List[_Hierarchy]:
-    """The process's cgroup v2 hierarchy and v1 memory hierarchy, whichever exist."""
-    cgroup_text = _read_text(posixpath.join(proc_root, "self", "cgroup"), _LIST_FILE_MAX)
-    mountinfo_text = _read_text(posixpath.join(proc_root, "self", "mountinfo"), _LIST_FILE_MAX)
+def _hierarchies(proc_root: str, sys_root: str, pid: str = "self") -> List[_Hierarchy]:
+    """Process ``pid``'s cgroup v2 hierarchy and v1 memory hierarchy, whichever exist."""
+    cgroup_text = _read_text(posixpath.join(proc_root, pid, "cgroup"), _LIST_FILE_MAX)
+    mountinfo_text = _read_text(posixpath.join(proc_root, pid, "mountinfo"), _LIST_FILE_MAX)
     if cgroup_text is None or mountinfo_text is None:
         return []
     v2_path, v1_path = _parse_proc_cgroup(cgroup_text)
@@ -302,6 +302,15 @@ def _hierarchies(proc_root: str, sys_root: str) -> List[_Hierarchy]:
         if chosen is not None:
             result.append(_Hierarchy(version, chosen))
     return result
+
+
+def memory_cgroups(pid="self", proc_root: str = "/proc",
+                   sys_root: str = "/") -> List[Tuple[int, str]]:
+    """``[(version, directory)]`` of the cgroups of process ``pid`` (a number or "self")
+    that can hold its memory: the v2 one first, then v1's memory hierarchy, each found
+    through the process's own /proc/PID/cgroup and mountinfo as the limit is. The
+    directory may lack the memory controller's files (v2 without it enabled)."""
+    return [(h.version, h.dirs[0]) for h in _hierarchies(proc_root, sys_root, str(pid))]
 
 
 def _v1_parent_is_hierarchical(parent_dir: str) -> bool:
