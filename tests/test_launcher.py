@@ -228,9 +228,49 @@ def _kill_mid_cell(launched, kill):
     return msg_id, msgs
 
 
+def _oom_kill_elsewhere():
+    """Have the OOM killer end an unrelated process (in a 64 MiB cgroup of its own), as on
+    a shared host; returns once /proc/vmstat's oom_kill has moved. False when cgroup v1 is
+    not writable here."""
+    if not _cgroup_v1_writable():
+        return False
+    from memguard.launcher import system_oom_kills
+
+    cg = os.path.join(CGROUP_V1, f"memguard-other-{uuid.uuid4().hex[:8]}")
+    os.mkdir(cg)
+    try:
+        for name in ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes"):
+            if os.path.exists(os.path.join(cg, name)):
+                with open(os.path.join(cg, name), "w") as fh:
+                    fh.write(str(64 * 2**20))
+        before = system_oom_kills()
+
+        def join():
+            with open(os.path.join(cg, "cgroup.procs"), "w") as fh:
+                fh.write(str(os.getpid()))
+
+        proc = subprocess.run([sys.executable, "-c", "x = bytearray(512 * 2**20)"],
+                              preexec_fn=join, capture_output=True, timeout=60)
+        assert proc.returncode == -signal.SIGKILL, proc
+        wait_for(lambda: system_oom_kills() > before, 10, "vmstat's oom_kill to move")
+    finally:
+        deadline = time.monotonic() + 20
+        while os.path.isdir(cg):
+            try:
+                os.rmdir(cg)
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+    return True
+
+
 def test_sigkill_mid_cell_is_announced_under_the_cell(launched):
     launched.run("import numpy as np\nkeep = np.ones(50_000_000)")  # 400 MB, in the box
     child, launcher = launched.child_pid, launched.launcher_pid
+    # Another process on the host is OOM-killed meanwhile: this kill is still not the OOM
+    # killer's (the kernel's own cgroup counter says so).
+    _oom_kill_elsewhere()
     msg_id, msgs = _kill_mid_cell(launched, lambda: os.kill(child, signal.SIGKILL))
     t, notice = _alerts(msgs, "kernel_died")[0]
     alert = notice["content"]["data"][ALERT_MIME]

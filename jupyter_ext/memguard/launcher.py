@@ -582,14 +582,19 @@ class Launcher:
         if self.cgroup is None:  # never seen: the zombie may still say where it was
             self._look_at_cgroup(force=True)
         oom = None
+        counted = False  # the kernel's own cgroup counts OOM kills of its tasks
         limit_bytes = limit_source = None
         if self.cgroup is not None:
             n = oom_kills(self.cgroup)
-            if n is not None and self.cgroup_oom0 is not None and n > self.cgroup_oom0:
+            counted = n is not None and self.cgroup_oom0 is not None
+            if counted and n > self.cgroup_oom0:
                 oom = f"the OOM killer of its memory cgroup ({self.cgroup[1]})"
             limit_bytes = cgroup_limit(self.cgroup)
             limit_source = "cgroup" if limit_bytes else None
-        if oom is None and signum == signal.SIGKILL:
+        # The system-wide counter only where the cgroup's cannot say: the kernel charges
+        # every OOM kill, global or a cgroup's, to the victim's memory cgroup (mm/oom_kill.c,
+        # MEMCG_OOM_KILL), while /proc/vmstat also moves for any other process on the host.
+        if oom is None and not counted and signum == signal.SIGKILL:
             n = system_oom_kills()
             if n is not None and self.vmstat_oom0 is not None and n > self.vmstat_oom0:
                 oom = "the OOM killer (system-wide; /proc/vmstat oom_kill moved)"
