@@ -267,17 +267,19 @@ def _wait(driver, script, what, timeout=TIMEOUT, *args):
 
 
 def _open_notebook(driver, url):
-    """Load ``url`` and wait for the notebook's cells and an idle kernel."""
+    """Load ``url`` and wait until its notebook is the one in front (JupyterLab also
+    restores the notebooks of its workspace), with its cells and an idle kernel."""
+    path = url.split("?")[0].rsplit("/", 1)[-1]
     driver.get(url)
     _wait(driver, "return window.jupyterapp && "
                   "document.querySelectorAll('.jp-Notebook .jp-Cell').length >= 4",
           "the notebook's cells")
     _wait(driver, """
         const w = window.jupyterapp.shell.currentWidget;
-        const k = w && w.sessionContext && w.sessionContext.session
-                  && w.sessionContext.session.kernel;
+        const k = w && w.context && w.context.path === arguments[0] && w.sessionContext
+                  && w.sessionContext.session && w.sessionContext.session.kernel;
         return !!k && k.connectionStatus === 'connected' && k.status === 'idle';""",
-          "the kernel to be idle")
+          f"{path} in front with an idle kernel", TIMEOUT, path)
 
 
 def _run(driver, command, index=None):

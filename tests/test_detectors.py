@@ -174,6 +174,35 @@ def test_tracemalloc_before_load_and_stopped_after_keeps_counting(bare_kernel):
     assert int(raw.stdout) >= 29 * MB  # 30 MB, give or take other blocks freed meanwhile
 
 
+# Reads the PyMem RAW allocator now installed: (ctx address, the 5 words ctx points to:
+# the allocator memguard's wrapper calls through). PyMemAllocatorEx is ctx + 4 functions.
+RAW_CTX = (
+    "import ctypes\n"
+    "class _A(ctypes.Structure):\n"
+    "    _fields_ = [(n, ctypes.c_void_p) for n in ('ctx', 'malloc', 'calloc', 'realloc', 'free')]\n"
+    "_a = _A()\n"
+    "ctypes.pythonapi.PyMem_GetAllocator(ctypes.c_int(0), ctypes.byref(_a))  # PYMEM_DOMAIN_RAW\n"
+)
+
+
+def test_rewrapping_raw_never_rewrites_what_a_running_wrapper_reads(bare_kernel):
+    # A RAW call runs without the GIL: a thread may be inside memguard's wrapper, reading
+    # the allocator it wraps, while the main thread wraps RAW again. So a re-wrap must not
+    # rewrite that allocator in place: the old wrapper's ctx must still hold the same bytes.
+    k = bare_kernel
+    k.execute("import tracemalloc\ntracemalloc.start()")
+    k.execute("%load_ext memguard")
+    first = k.execute(RAW_CTX + "print(_a.ctx, ctypes.string_at(_a.ctx, 40).hex())").stdout.split()
+    ctx, saved = int(first[0]), first[1]
+    stop = k.execute("tracemalloc.stop()")  # restores the allocator it found: ours drops out
+    again = k.execute("b = bytearray(1000)")  # the cell start wraps RAW again
+    assert "installed again" in stop.stderr + again.stderr
+    after = k.execute(RAW_CTX + f"print(_a.ctx, ctypes.string_at({ctx}, 40).hex())")
+    new_ctx, old_bytes = after.stdout.split()
+    assert int(new_ctx) != ctx, "the re-wrap reused the ctx a running wrapper may read"
+    assert old_bytes == saved, "the allocator a running wrapper reads was rewritten"
+
+
 def test_tracemalloc_started_after_load_stacks_on_top(kernel):
     ex = kernel.execute("import tracemalloc, numpy as np, memguard._core as c\n"
                         "tracemalloc.start()\n"
