@@ -323,7 +323,10 @@ MG_HOOKSAFE mg_refusal_t mg_acct_check_request(size_t n)
     if (atomic_load_explicit(&s_raise, memory_order_relaxed) && cell_read(&v) &&
         v.budget > 0 && tracked_sum() - v.start + (int64_t)n > v.budget)
         return MG_REFUSE_BUDGET;
-    return over_limit(n, 0) ? MG_REFUSE_LIMIT : MG_REFUSE_NONE;
+    /* A small request is judged like the Python heap's, against half the reserve: within
+     * the reserve, the block worth refusing is the next large one, not an index array or a
+     * scalar that the usage estimate's drift happened to put over the line. */
+    return over_limit(n, n < MG_SMALL_REQUEST ? 1 : 0) ? MG_REFUSE_LIMIT : MG_REFUSE_NONE;
 }
 
 MG_HOOKSAFE void mg_acct_note_refusal(size_t n, mg_refusal_t reason, int32_t line)

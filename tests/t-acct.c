@@ -115,6 +115,20 @@ static void t_requests_are_refused_only_in_raise_mode_or_past_the_limit(void)
         check_int(mg_acct_check_limit((size_t)(left + r.reserve / 2) + 1000), ==, MG_REFUSE_LIMIT);
         check_int(mg_acct_check_limit((size_t)-1), ==, MG_REFUSE_LIMIT); /* beyond int64 */
     }
+    /* Within the reserve but not within half of it: a large NumPy request is refused, a
+     * small one (below MG_SMALL_REQUEST) is not. A limit of 16/13 of the usage makes the
+     * reserve its cap, a quarter of the limit, and leaves 3/4 of it above the usage. */
+    {
+        int64_t used = mg_acct_limit_used();
+        int64_t limit = used * 16 / 13 + 1;
+        int64_t reserve = mg_acct_reserve_for(limit, sysconf(_SC_NPROCESSORS_CONF));
+
+        mg_acct_set_raise(0); /* the limit is judged in either mode; no budget refusal */
+        mg_acct_set_limit(limit, MG_MEASURE_RSS, 0.9);
+        check(used + 8 > limit - reserve && used + 8 < limit - reserve / 2);
+        check_int(mg_acct_check_request(8), ==, MG_REFUSE_NONE);
+        check_int(mg_acct_check_request(MG_SMALL_REQUEST), ==, MG_REFUSE_LIMIT);
+    }
     mg_acct_set_raise(0);
     mg_acct_set_limit(0, MG_MEASURE_RSS, 0.9);
     mg_acct_refusal(&r);
