@@ -14,7 +14,8 @@ Usage: ``python tests/matrix.py [--versions 3.10,3.13] [--require-all] [--list-t
    wheel from ``build/matrix/dist/memguard-*.tar.gz`` with ``pip wheel`` and install it;
 3. install a ``python3`` kernelspec into the venv and run the kernel tests there.
 
-Step 2 runs for all versions at once; step 3 one version at a time.
+Step 2 runs for all versions at once; step 3 one version at a time. A version that passed
+leaves nothing under ``build/matrix``; a failed one keeps its venv there.
 
 Prints one line per version (ran / passed / failed / not found) and exits non-zero if any
 version failed, or if ``--require-all`` (the default under ``CI=true``) and one was not found.
@@ -175,6 +176,10 @@ def main(argv=None) -> int:
             continue
         rc = run(test_cmd).returncode
         results[version] = "passed" if rc == 0 else f"FAILED (exit {rc})"
+        if rc == 0:
+            # Nothing of a passed version stays in the tree (its venv holds thousands of
+            # third-party files); a failed one keeps its venv for a look.
+            shutil.rmtree(work / version, ignore_errors=True)
 
     print("\nversion matrix (kernel tests, memguard installed from its wheel):")
     for version, outcome in results.items():
