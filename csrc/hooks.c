@@ -2,6 +2,7 @@
  * above the attribution threshold into mg_sites with their cell line, and a budget event
  * into the ring on the first crossing in a cell. Any thread, with or without the GIL. */
 #include <malloc.h>
+#include <stdint.h>
 #include <stdatomic.h>
 
 #include "mg_acct.h"
@@ -160,6 +161,23 @@ MG_HOOKSAFE void *mg_hooks_realloc(mg_domain_t d, int (*refuse)(int was, size_t 
     old = mg_hooks_realloc_old(count, ptr);
     p = real(ctx, ptr, n);
     mg_hooks_after_realloc(count, d, old, p);
+    mg_reentry_leave(was);
+    return p;
+}
+
+MG_HOOKSAFE void *mg_hooks_calloc(mg_domain_t d, int (*refuse)(int was, size_t n),
+                                  void *(*real)(void *ctx, size_t nelem, size_t elsize),
+                                  void *ctx, size_t nelem, size_t elsize)
+{
+    int was = mg_reentry_enter();
+    void *p;
+
+    if ((elsize == 0 || nelem <= SIZE_MAX / elsize) && refuse(was, nelem * elsize)) {
+        mg_reentry_leave(was);
+        return NULL;
+    }
+    p = real(ctx, nelem, elsize);
+    mg_hooks_after_alloc(was, d, p);
     mg_reentry_leave(was);
     return p;
 }

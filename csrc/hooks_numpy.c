@@ -2,7 +2,6 @@
  * NumPy calls it from any thread that creates or frees arrays; install runs with the GIL. */
 #include <Python.h>
 #include <malloc.h>
-#include <stdint.h>
 #include <string.h>
 
 #define NPY_NO_DEPRECATED_API NPY_1_22_API_VERSION
@@ -45,19 +44,9 @@ static void *np_malloc(void *ctx, size_t n)
 static void *np_calloc(void *ctx, size_t nelem, size_t elsize)
 {
     PyDataMemAllocator *prev = ctx;
-    int was = mg_reentry_enter();
-    void *p;
 
-    /* An overflowing product is left to calloc, which fails it. */
-    if ((elsize == 0 || nelem <= SIZE_MAX / elsize) && mg_hooks_refuse(was, nelem * elsize)) {
-        mg_reentry_leave(was);
-        return NULL;
-    }
-    p = prev->calloc(prev->ctx, nelem, elsize);
-
-    mg_hooks_after_alloc(was, MG_DOMAIN_NUMPY, p);
-    mg_reentry_leave(was);
-    return p;
+    return mg_hooks_calloc(MG_DOMAIN_NUMPY, mg_hooks_refuse, prev->calloc, prev->ctx, nelem,
+                           elsize);
 }
 
 static void *np_realloc(void *ctx, void *ptr, size_t n)

@@ -7,7 +7,6 @@
 
 #include <malloc.h>
 #include <stdatomic.h>
-#include <stdint.h>
 #include <string.h>
 
 /* The RAW allocators we wrapped, one slot per distinct allocator below us. A RAW call runs
@@ -68,19 +67,9 @@ static void *raw_malloc(void *ctx, size_t n)
 static void *raw_calloc(void *ctx, size_t nelem, size_t elsize)
 {
     const PyMemAllocatorEx *prev = raw_prev(ctx);
-    int was = mg_reentry_enter();
-    void *p;
 
-    /* An overflowing product is left to calloc, which fails it. */
-    if ((elsize == 0 || nelem <= SIZE_MAX / elsize) && mg_hooks_refuse_heap(was, nelem * elsize)) {
-        mg_reentry_leave(was);
-        return NULL;
-    }
-    p = prev->calloc(prev->ctx, nelem, elsize);
-
-    mg_hooks_after_alloc(was, MG_DOMAIN_RAW, p);
-    mg_reentry_leave(was);
-    return p;
+    return mg_hooks_calloc(MG_DOMAIN_RAW, mg_hooks_refuse_heap, prev->calloc, prev->ctx, nelem,
+                           elsize);
 }
 
 static void *raw_realloc(void *ctx, void *ptr, size_t n)

@@ -64,6 +64,13 @@ MG_HOOKSAFE void *mg_hooks_realloc(mg_domain_t d, int (*refuse)(int was, size_t 
                                    void *(*real)(void *ctx, void *ptr, size_t n), void *ctx,
                                    void *ptr, size_t n);
 
+/* The whole calloc wrapper of such a domain: refuse nelem * elsize bytes with `refuse`
+ * (an overflowing product is not refused but left to real, which fails it), else call
+ * real(ctx, nelem, elsize) and count the block as mg_hooks_after_alloc does. Hook-safe. */
+MG_HOOKSAFE void *mg_hooks_calloc(mg_domain_t d, int (*refuse)(int was, size_t n),
+                                  void *(*real)(void *ctx, size_t nelem, size_t elsize),
+                                  void *ctx, size_t nelem, size_t elsize);
+
 /* Wrap the PyMem RAW allocator and the pymalloc arena allocator, saving the previous ones
  * as the wrappers' ctx. Idempotent: wrappers still in the chain (even under another layer
  * that stacked on top, such as tracemalloc started later) are not wrapped again; a RAW
