@@ -33,7 +33,7 @@ static int s_raw_wrapped = 0;
 static int s_arena_wrapped = 0;
 /* Set by install before a probe allocation; raw_malloc turns 1 into 2, so install can tell
  * whether our RAW wrapper is still in the chain. Thread-local: only the probing thread. */
-static _Thread_local int t_probe = 0;
+static MG_TLS int t_probe = 0;
 
 /* RAW blocks are measured with malloc_usable_size (mg_hooks_after_alloc), which needs the
  * RAW chain below us to hand out malloc'd pointers: that is why the Python side refuses to

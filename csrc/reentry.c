@@ -3,4 +3,4 @@
 #include "mg_reentry.h"
 
 /* Written and read only by the owning thread (no atomics needed). */
-_Thread_local int t_mg_in_hook = 0;
+MG_TLS int t_mg_in_hook = 0;

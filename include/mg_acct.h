@@ -102,12 +102,13 @@ MG_HOOKSAFE mg_refusal_t mg_acct_check_limit(size_t n);
  * 8-byte scalar of rng.choice instead of the next 32 MB subset. */
 #define MG_SMALL_REQUEST ((size_t)1 << 20)
 
-/* Judge a request of n bytes before it is made: MG_REFUSE_BUDGET when raise mode is on and
- * the cell's usage + n exceeds its budget, MG_REFUSE_LIMIT when mg_acct_limit_used() + n
- * would leave less than the reserve under the limit (half the reserve for a request below
- * MG_SMALL_REQUEST), or n alone exceeds it (in any mode: the caller refuses only in raise
- * mode, and otherwise flags it), else MG_REFUSE_NONE. Budget first: it is the user's own
- * setting. Hook-safe. */
+/* Judge a request of n bytes before it is made. In raise mode: MG_REFUSE_BUDGET when the
+ * cell's usage + n exceeds its budget, MG_REFUSE_LIMIT when mg_acct_limit_used() + n would
+ * leave less than the reserve under the limit (half the reserve for a request below
+ * MG_SMALL_REQUEST), or n alone exceeds it; budget first, it is the user's own setting. In
+ * warn mode (the caller then only flags the request): MG_REFUSE_LIMIT for a request of at
+ * least MG_SMALL_REQUEST that would leave less than the reserve, else MG_REFUSE_NONE
+ * (one relaxed load for a smaller one). Hook-safe. */
 MG_HOOKSAFE mg_refusal_t mg_acct_check_request(size_t n);
 
 /* The last refused request, for the MemoryError message: how many refusals so far (a

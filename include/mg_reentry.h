@@ -7,7 +7,7 @@
 
 /* Non-zero while this thread is inside a memguard hook. Written and read only by its own
  * thread, so it needs no atomics. */
-extern _Thread_local int t_mg_in_hook;
+extern MG_TLS int t_mg_in_hook;
 
 /* Enter the guard; returns the previous state, to be passed to mg_reentry_leave. A hook that
  * sees a non-zero previous state passes the call through uncounted: the allocation was made

@@ -128,6 +128,13 @@ static void t_requests_are_refused_only_in_raise_mode_or_past_the_limit(void)
         check(used + 8 > limit - reserve && used + 8 < limit - reserve / 2);
         check_int(mg_acct_check_request(8), ==, MG_REFUSE_NONE);
         check_int(mg_acct_check_request(MG_SMALL_REQUEST), ==, MG_REFUSE_LIMIT);
+        /* Past the whole limit: raise mode refuses a small request too; warn mode does not
+         * judge it (it would only flag it, and the monitor's limit rule sees the growth). */
+        mg_acct_set_limit(used / 2, MG_MEASURE_RSS, 0.9);
+        check_int(mg_acct_check_request(MG_SMALL_REQUEST - 1), ==, MG_REFUSE_NONE);
+        check_int(mg_acct_check_request(MG_SMALL_REQUEST), ==, MG_REFUSE_LIMIT);
+        mg_acct_set_raise(1);
+        check_int(mg_acct_check_request(8), ==, MG_REFUSE_LIMIT);
     }
     mg_acct_set_raise(0);
     mg_acct_set_limit(0, MG_MEASURE_RSS, 0.9);
