@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import struct
+import sys
 import time
 
 import pytest
@@ -315,3 +316,59 @@ def test_installed_memguard_shows_the_report_in_the_first_cell_after_restart(tmp
         assert budget["cell"] == ex2.execution_count == 2
     finally:
         k.shutdown()
+
+
+_TORN_WRITER = """
+import sys, time
+import memguard._core as core
+from memguard.relay import load_zmq
+path, parent_max, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+core.blackbox_open(path, "kernel-t.json")
+load_zmq(core)
+core.monitor_start("ipc://" + path + ".nobody")
+parents = {c: '{"msg_id": "%s"}' % (c * (parent_max - 20)) for c in "ab"}
+sources = {c: c * 4000 for c in "ab"}
+end, i = time.monotonic() + seconds, 0
+while time.monotonic() < end:
+    c = "ab"[i % 2]
+    core.blackbox_set_cell(1 + i % 2, i, sources[c], parents[c])
+    i += 1
+core.monitor_stop()
+core.blackbox_close(False)
+"""
+
+
+def test_reader_never_returns_a_torn_cell_record(tmp_path):
+    """The launcher reads a live kernel's box while the kernel writes it: a cell record
+    rewritten during the read must not come back as a mix of two cells (one cell's parent
+    header or source with another's). A second process rewrites the record as fast as it
+    can, alternating two cells whose headers have one length, so a mix is still the right
+    length."""
+    import subprocess
+
+    from memguard import blackbox
+
+    path = str(tmp_path / "kernel-t.mgbox")
+    parents = {c: '{"msg_id": "%s"}' % (c * (blackbox.PARENT_MAX - 20)) for c in "ab"}
+    sources = {c: c * 4000 for c in "ab"}
+    writer = subprocess.Popen([sys.executable, "-c", _TORN_WRITER, path,
+                               str(blackbox.PARENT_MAX), "15"])
+    try:
+        _wait_for_box(path, lambda b: b.cell_parent is not None, "a cell record", 30)
+        seen = torn = 0
+        while writer.poll() is None and seen < 20000:
+            try:
+                box = blackbox.read(path)
+            except blackbox.BlackBoxError:
+                continue  # the writer has closed (and removed) it
+            if box.cell_parent is None:
+                continue
+            seen += 1
+            c = "a" if box.cell_epoch == 1 else "b"
+            if box.cell_parent.decode() != parents[c] or box.cell_source != sources[c]:
+                torn += 1
+        assert seen >= 1000, f"only {seen} reads saw a cell record"
+        assert torn == 0, f"{torn} of {seen} reads returned a torn cell record"
+    finally:
+        writer.kill()
+        writer.wait()

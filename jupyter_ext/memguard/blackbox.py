@@ -44,6 +44,9 @@ OFF_ALERTS = OFF_STATE + 2 * STATE_BYTES
 ALERTS_BYTES = _ALERTS_HEAD.size + N_ALERTS * _ALERT.size
 OFF_SAMPLES_TOTAL = OFF_ALERTS + ALERTS_BYTES
 OFF_SAMPLES = OFF_SAMPLES_TOTAL + 16
+# The sequence numbers of the records a writer rewrites in place (seqlocks: odd while
+# being written), each the record's first 8 bytes.
+_SEQ_OFFSETS = (OFF_CELL, OFF_STATE, OFF_STATE + STATE_BYTES, OFF_ALERTS)
 FILE_BYTES = OFF_SAMPLES + N_SAMPLES * _SAMPLE.size
 MAX_LINE = 2**21
 MAX_BYTES = 2**62
@@ -97,12 +100,35 @@ def _check_bytes(path, name, value):
     return value
 
 
+def _snapshot(path, tries=10):
+    """The file's bytes, read so that no record guarded by a sequence number (the cell,
+    the two state copies, the alerts) was rewritten while it was copied: a live kernel
+    writes its box while the launcher reads it. Each sequence number is read again after the
+    whole read; if one moved, the file is read again. After ``tries`` reads that each saw a
+    record move, the last one is returned with the moved records marked as being written
+    (an odd sequence number), which ``read`` leaves out, as it does a record caught
+    mid-write. A dead kernel's box never moves. Raises OSError."""
+    with open(path, "rb") as fh:
+        for _ in range(tries):
+            fh.seek(0)
+            data = fh.read(FILE_BYTES + 1)
+            if len(data) != FILE_BYTES:
+                return data  # not a box this reader can use: read() says why
+            moved = [off for off in _SEQ_OFFSETS
+                     if os.pread(fh.fileno(), 8, off) != data[off:off + 8]]
+            if not moved:
+                return data
+    data = bytearray(data)
+    for off in moved:
+        struct.pack_into("<Q", data, off, 1)
+    return bytes(data)
+
+
 def read(path):
     """Parse the black box at ``path``. Raises BlackBoxError (one line) for a file that is
     missing, truncated, foreign, from a newer layout, corrupt or half-written."""
     try:
-        with open(path, "rb") as fh:
-            data = fh.read(FILE_BYTES + 1)
+        data = _snapshot(path)
     except OSError as exc:
         raise _bad(path, f"cannot be read ({exc.strerror})") from None
     if len(data) < _HEADER.size:
