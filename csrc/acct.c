@@ -293,11 +293,19 @@ static int over_limit(size_t n, int shift)
     int64_t limit = atomic_load_explicit(&s_limit, memory_order_relaxed);
     int64_t reserve = atomic_load_explicit(&s_reserve, memory_order_relaxed);
 
+    int m;
+
     if (limit <= 0)
         return 0;
     if (n > (size_t)limit)
         return 1;
-    return mg_acct_limit_used() + (int64_t)n > limit - (reserve >> shift);
+    if (mg_acct_limit_used() + (int64_t)n <= limit - (reserve >> shift))
+        return 0;
+    /* Rare path: over the line on the last sample. Confirm with the measure read now
+     * before refusing (mg_measures_estimate_now says which staleness this removes). */
+    m = atomic_load_explicit(&s_limit_measure, memory_order_relaxed);
+    return mg_measures_estimate_now((mg_measure_t)m) + (int64_t)n >
+           limit - (reserve >> shift);
 }
 
 MG_HOOKSAFE mg_refusal_t mg_acct_check_limit(size_t n)

@@ -232,6 +232,29 @@ MG_HOOKSAFE int64_t mg_measures_estimate(mg_measure_t m, int64_t tracked)
     return used > 0 ? used : 0;
 }
 
+MG_HOOKSAFE int64_t mg_measures_estimate_now(mg_measure_t m)
+{
+    int i = m == MG_MEASURE_VM ? 1 : (m == MG_MEASURE_CGROUP ? 2 : 0);
+    int64_t floor = atomic_load_explicit(&s_floor[i], memory_order_relaxed);
+    int64_t before = mg_acct_tracked();
+    int64_t vm = -1;
+    int64_t rss = -1;
+    int64_t v;
+    int64_t untracked;
+    int64_t used;
+
+    if (m == MG_MEASURE_CGROUP) {
+        v = rss_read_cgroup();
+    } else {
+        v = rss_read_statm(&vm, &rss) < 0 ? -1 : (m == MG_MEASURE_VM ? vm : rss);
+    }
+    if (v < 0)
+        return mg_measures_estimate(m, mg_acct_tracked());
+    untracked = v - before;
+    used = mg_acct_tracked() + (untracked > floor ? untracked : floor);
+    return used > 0 ? used : 0;
+}
+
 MG_HOOKSAFE int64_t mg_measures_used(mg_measure_t m)
 {
     switch (m) {

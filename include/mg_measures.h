@@ -65,6 +65,17 @@ int mg_measures_set_cgroup_file(const char *path);
  * loads (docs/design.md, "Limits and measures"). */
 MG_HOOKSAFE int64_t mg_measures_estimate(mg_measure_t m, int64_t tracked);
 
+/* mg_measures_estimate with the measure read now instead of at the last sample, for a
+ * refusal about to be made on that sample. A sample can be stale in a way that refuses
+ * wrongly: a hook takes a freed block off the tracked bytes before the real free returns
+ * its pages, so a sample between the two sees the block as untracked memory until the next
+ * sample. Under load a clean-clone test run saw `del subsets` followed at once by a 400 MB
+ * request refused at a cgroup usage of 517 MB where 5 MB were in use. The tracked bytes
+ * are read before the measure, as a sample does. Falls back to
+ * mg_measures_estimate when the measure cannot be read. Hook-safe on the rare path only:
+ * one or two preads (the cgroup's memory.stat, up to 8 KiB on the caller's stack). */
+MG_HOOKSAFE int64_t mg_measures_estimate_now(mg_measure_t m);
+
 /* The latest sample of measure m in bytes: 0 before the first sample; for the cgroup, the
  * last readable sample (a failed read keeps it; 0 if the file was never read). Hook-safe:
  * one relaxed atomic load. */

@@ -4,6 +4,8 @@
 #include <time.h>
 #include <sched.h>
 #include <stdatomic.h>
+#include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include "mg_acct.h"
@@ -269,9 +271,53 @@ static void t_a_cell_start_never_inherits_a_crossing(void)
     check_int(crossed_tiny, >, 0);
 }
 
+/* A hook takes a freed block off the tracked bytes before the real free returns its pages;
+ * a sample taken in between sees the block as untracked memory. A refusal judged on that
+ * sample alone refused a request right after `del` of a large array (seen under load in a
+ * clean-clone run); it is confirmed with the measure read now. */
+static void t_a_refusal_is_confirmed_with_the_measure_read_now(void)
+{
+    const size_t big = (size_t)64 << 20;
+    const size_t n = (size_t)1 << 20;
+    long cpus = sysconf(_SC_NPROCESSORS_CONF);
+    char *p;
+    int64_t stale;
+    int64_t fresh;
+    int64_t limit;
+    int64_t reserve;
+
+    mg_acct_reset();
+    mg_acct_set_limit(0, MG_MEASURE_RSS, 0.9);
+    mg_acct_cell_begin(11, 0);
+    mg_measures_cell_begin(); /* the floor: what is untracked now */
+    p = mmap(NULL, big, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    check(p != MAP_FAILED);
+    if (p == MAP_FAILED)
+        return;
+    memset(p, 1, big);                    /* resident */
+    mg_acct_alloc(MG_DOMAIN_NUMPY, big);  /* and counted */
+    mg_acct_free(MG_DOMAIN_NUMPY, big);   /* the hook debits it before the real free... */
+    (void)mg_measures_sample();           /* ...the monitor samples in between... */
+    munmap(p, big);                       /* ...and then its pages go */
+    stale = mg_acct_limit_used();
+    fresh = mg_measures_estimate_now(MG_MEASURE_RSS);
+    check_int(stale - fresh, >, (int64_t)big / 2); /* the premise: the sample is stale */
+    /* A limit whose line falls halfway between: the stale figure would refuse n. */
+    limit = fresh + (int64_t)n + (int64_t)big / 2 + ((int64_t)32 << 20) + cpus * 64 * 4096;
+    limit += limit / 255;
+    reserve = mg_acct_reserve_for(limit, cpus);
+    check(stale + (int64_t)n > limit - reserve && fresh + (int64_t)n < limit - reserve);
+    mg_acct_set_limit(limit, MG_MEASURE_RSS, 0.9);
+    mg_acct_set_raise(1);
+    check_int(mg_acct_check_request(n), ==, MG_REFUSE_NONE);
+    check_int(mg_acct_check_request(n + (size_t)big), ==, MG_REFUSE_LIMIT); /* really over */
+    mg_acct_set_raise(0);
+    mg_acct_set_limit(0, MG_MEASURE_RSS, 0.9);
+}
+
 int main(void)
 {
-    plan(10);
+    plan(11);
     TEST(t_alloc_and_free_balance(), "alloc and free update the total and per-domain counters");
     TEST(t_cell_usage_is_relative_to_start(), "a cell's usage and peak are measured from its start");
     TEST(t_budget_crossing_reported_once(), "only the first allocation over the budget reports the crossing");
@@ -280,6 +326,8 @@ int main(void)
     TEST(t_requests_are_refused_only_in_raise_mode_or_past_the_limit(), "raise mode refuses past the budget, the limit is judged in every mode, refusals are recorded");
     TEST(t_reserve_is_sized_from_the_limit_and_the_cpus(), "the reserve is 32 MiB + limit/256 + 256 KiB per CPU, at most a quarter");
     TEST(t_tracked_blocks_count_before_their_pages_are_touched(), "tracked blocks not yet resident count against the limit, across samples");
+    TEST(t_a_refusal_is_confirmed_with_the_measure_read_now(),
+         "a refusal over the last sample is confirmed with the measure read now (a freed block's sample)");
     TEST(t_threads_return_to_zero(), "8 threads allocating and freeing leave the counters at zero");
     TEST(t_a_cell_start_never_inherits_a_crossing(),
          "a hook racing a cell start never marks the new cell crossed with the old cell's budget");
