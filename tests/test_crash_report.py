@@ -268,7 +268,7 @@ def test_report_command_prints_the_newest_dead_kernels_box_and_rejects_bad_files
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "memguard post-crash report" in out.stdout and "cell 5" in out.stdout
-    assert "alert before the death: budget: over budget" in out.stdout
+    assert "alert before the death: budget in cell 5, line 2: over budget" in out.stdout
     bad = tmp_path / "bad.mgbox"
     bad.write_bytes(b"\0" * 100)
     out = subprocess.run([sys.executable, "-m", "memguard", "report", str(bad)], env=env,

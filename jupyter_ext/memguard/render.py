@@ -395,10 +395,18 @@ def crash_text(alert):
         out.append(f"  held: {format_size(site['bytes'])} in {format_blocks(site['count'])} "
                    f"({place})")
     for a in alert["alerts"]:
-        out.append(f"  alert before the death: {a['kind']}: {a['message']}")
+        out.append(f"  alert before the death: {a['kind']}{_where(a)}: {a['message']}")
     for s in alert["suggestions"]:
         out.append(f"  to change: {s}")
     return "\n".join(out)
+
+
+def _where(a):
+    """' in cell N, line L' for an alert of a post-crash report (as much as is known)."""
+    where = f" in cell {a['cell']}" if a.get("cell") is not None else ""
+    if a.get("line"):
+        where += f", line {a['line']}" if where else f" at line {a['line']}"
+    return where
 
 
 def _crash_svg(alert):
@@ -439,8 +447,8 @@ def crash_html(alert):
         f"<li>{html.escape(format_size(s['bytes']))} in {format_blocks(s['count'])} "
         f"({html.escape('cell ' + str(s['cell']) if s['cell'] is not None else 'an earlier cell')}"
         f"{', line ' + str(s['line']) if s['line'] else ''})</li>" for s in alert["top_sites"])
-    alerts = "".join(f"<li><b>{html.escape(a['kind'])}</b>: {html.escape(a['message'])}</li>"
-                     for a in alert["alerts"])
+    alerts = "".join(f"<li><b>{html.escape(a['kind'])}</b>{html.escape(_where(a))}: "
+                     f"{html.escape(a['message'])}</li>" for a in alert["alerts"])
     todo = "".join(f"<li>{html.escape(s)}</li>" for s in alert["suggestions"])
     ul = "<ul style='margin:2px 0 4px 0;padding-left:1.5em'>"
     head = "<div style='margin-top:4px;font-weight:600'>"
