@@ -330,6 +330,8 @@ class Launcher:
         self.cgroup = None  # (version, dir) of the kernel's memory cgroup
         self.cgroup_oom0 = None  # its oom_kill counter when first seen
         self.cgroup_seen = 0.0
+        self.cgroup_text = None  # /proc/PID/cgroup when the cgroup was last resolved
+        self.cgroup_due = False  # a new cell started: look again once its busy is sent
         self.vmstat_oom0 = system_oom_kills()
         self.published = 0
         self.forwarded = set()  # signals the launcher passed on: a death by them is asked for
@@ -410,7 +412,7 @@ class Launcher:
             if parent.get("msg_type") == "execute_request":
                 if state == "busy":
                     self.running = self.last_exec = parent
-                    self._look_at_cgroup(force=True)
+                    self.cgroup_due = True  # after the message is on its way
                 elif state == "idle" and self.running is not None and \
                         self.running.get("msg_id") == parent.get("msg_id"):
                     self.running = None
@@ -560,14 +562,23 @@ class Launcher:
 
     # -- cgroup and death ------------------------------------------------------------------
 
-    def _look_at_cgroup(self, force=False):
+    def _look_at_cgroup(self, force=False, recheck=False):
+        """Find the kernel's memory cgroup again (it may have been moved into one), at most
+        every CGROUP_EVERY seconds unless ``force``. Runs in the forwarding loop, so the
+        common case is one read of /proc/PID/cgroup (tens of microseconds): the hierarchy
+        is resolved through mountinfo (0.3-0.8 ms here, more on a host with many mounts)
+        only when that file changed, or always with ``recheck``."""
         now = time.monotonic()
         if self.proc is None or (not force and now - self.cgroup_seen < CGROUP_EVERY):
             return
         self.cgroup_seen = now
+        text = _read(f"/proc/{self.proc.pid}/cgroup")
+        if text is None or (text == self.cgroup_text and not recheck):
+            return
         stat = _read(f"/proc/{self.proc.pid}/stat") or ""
         if stat[stat.rfind(")") + 2:][:1] in ("Z", "X", ""):
             return  # an exiting task is moved to the root cgroup: keep where it lived
+        self.cgroup_text = text
         found = cgroup_of(self.proc.pid)
         if found is not None and found != self.cgroup:
             self.cgroup, self.cgroup_oom0 = found, oom_kills(found)
@@ -580,7 +591,7 @@ class Launcher:
         if parent is None or self.kernel_session is None:
             return
         if self.cgroup is None:  # never seen: the zombie may still say where it was
-            self._look_at_cgroup(force=True)
+            self._look_at_cgroup(force=True, recheck=True)
         oom = None
         counted = False  # the kernel's own cgroup counts OOM kills of its tasks
         limit_bytes = limit_source = None
@@ -632,7 +643,8 @@ class Launcher:
                 self.forward_iopub()
             if self.xpub in ready:
                 self.forward_subscriptions()
-            self._look_at_cgroup()
+            self._look_at_cgroup(force=self.cgroup_due)
+            self.cgroup_due = False
             if rfd in ready:
                 break
         info = os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOWAIT)
