@@ -82,7 +82,8 @@ def run_cell(kc, code, timeout=300):
                     lat.append((now_w - float(line)) * 1e3)
                 except ValueError:
                     pass
-    kc.get_shell_msg(timeout=timeout)
+    while kc.get_shell_msg(timeout=timeout)["parent_header"].get("msg_id") != msg_id:
+        pass  # a reply to an earlier request
     return busy, idle, lat
 
 
