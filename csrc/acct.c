@@ -292,7 +292,6 @@ static int over_limit(size_t n, int shift)
 {
     int64_t limit = atomic_load_explicit(&s_limit, memory_order_relaxed);
     int64_t reserve = atomic_load_explicit(&s_reserve, memory_order_relaxed);
-
     int m;
 
     if (limit <= 0)

@@ -222,37 +222,41 @@ static void note_untracked(int64_t tracked, int64_t rss, int64_t vm, int64_t cg,
     }
 }
 
-MG_HOOKSAFE int64_t mg_measures_estimate(mg_measure_t m, int64_t tracked)
+static int measure_index(mg_measure_t m)
 {
-    int i = m == MG_MEASURE_VM ? 1 : (m == MG_MEASURE_CGROUP ? 2 : 0);
-    int64_t untracked = atomic_load_explicit(&s_untracked[i], memory_order_relaxed);
+    return m == MG_MEASURE_VM ? 1 : (m == MG_MEASURE_CGROUP ? 2 : 0);
+}
+
+/* tracked + the larger of `untracked` and measure i's cell-start floor, never below 0. */
+static int64_t estimate_with(int i, int64_t tracked, int64_t untracked)
+{
     int64_t floor = atomic_load_explicit(&s_floor[i], memory_order_relaxed);
     int64_t used = tracked + (untracked > floor ? untracked : floor);
 
     return used > 0 ? used : 0;
 }
 
+MG_HOOKSAFE int64_t mg_measures_estimate(mg_measure_t m, int64_t tracked)
+{
+    int i = measure_index(m);
+
+    return estimate_with(i, tracked, atomic_load_explicit(&s_untracked[i], memory_order_relaxed));
+}
+
 MG_HOOKSAFE int64_t mg_measures_estimate_now(mg_measure_t m)
 {
-    int i = m == MG_MEASURE_VM ? 1 : (m == MG_MEASURE_CGROUP ? 2 : 0);
-    int64_t floor = atomic_load_explicit(&s_floor[i], memory_order_relaxed);
-    int64_t before = mg_acct_tracked();
+    int64_t before = mg_acct_tracked(); /* before the measure, as a sample reads it */
     int64_t vm = -1;
     int64_t rss = -1;
     int64_t v;
-    int64_t untracked;
-    int64_t used;
 
-    if (m == MG_MEASURE_CGROUP) {
+    if (m == MG_MEASURE_CGROUP)
         v = rss_read_cgroup();
-    } else {
+    else
         v = rss_read_statm(&vm, &rss) < 0 ? -1 : (m == MG_MEASURE_VM ? vm : rss);
-    }
     if (v < 0)
-        return mg_measures_estimate(m, mg_acct_tracked());
-    untracked = v - before;
-    used = mg_acct_tracked() + (untracked > floor ? untracked : floor);
-    return used > 0 ? used : 0;
+        return mg_measures_estimate(m, before);
+    return estimate_with(measure_index(m), mg_acct_tracked(), v - before);
 }
 
 MG_HOOKSAFE int64_t mg_measures_used(mg_measure_t m)
