@@ -252,6 +252,27 @@ def test_magic_installs_on_the_notebooks_client_and_rejects_mistakes(dask_kernel
     assert not any(s["loaded"] for s in _value(kernel, "client.run(probe)").values())
 
 
+def test_a_function_that_keeps_its_cell_filename_resolves_to_its_cell():
+    """cloudpickle before 3.1.3 sends a notebook function with its cell's own filename, not
+    "<dynamic-code>": the worker reports that file, and it names the cell directly. A real
+    IPython shell compiles the cells (its compiler's filename map)."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from memguard.dask import cell_of_function, describe
+
+    shell = InteractiveShell.instance()
+    try:
+        shell.run_cell("x = 1", store_history=True)
+        shell.run_cell("y = 2\n\ndef kept(n):\n    return n\n", store_history=True)
+        fields, _globs = describe(shell.user_ns["kept"])
+        assert fields["file"] and fields["function_line"] == 3, fields
+        count = shell.execution_count - 1
+        assert cell_of_function(shell, fields) == (count, fields["file"])
+        # A file that is no cell of this shell (a module's function) names no cell.
+        assert cell_of_function(shell, dict(fields, file=json.__file__)) == (None, None)
+    finally:
+        InteractiveShell.clear_instance()
+
+
 def test_terminal_client_gets_the_text_form_on_stderr(tmp_path):
     """A script (no kernel): the alert's text form on stderr, with the task's fields."""
     import subprocess

@@ -746,8 +746,11 @@ def cell_of_function(shell, alert):
     the newest cell whose source has ``def <name>`` (or a decorator, or ``lambda``) at the
     function's first line."""
     mapping = getattr(getattr(shell, "compile", None), "_filename_map", None) if shell else None
-    name, first = alert.get("function"), alert.get("function_line")
-    if not mapping or not name or not first or alert.get("file"):
+    name, first, file = alert.get("function"), alert.get("function_line"), alert.get("file")
+    if mapping and file in mapping:
+        # cloudpickle before 3.1.3 keeps the cell's own filename
+        return mapping[file], file
+    if not mapping or not name or not first or file:
         return None, None
     for obj in list(getattr(shell, "user_ns", {}).values()):
         code = getattr(obj, "__code__", None)
