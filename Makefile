@@ -20,7 +20,7 @@ CC ?= cc
 CFLAGS_TEST := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -g -O1 -Iinclude -Itests
 ASAN := -fsanitize=address,undefined -fno-omit-frame-pointer
 # The C units that need no Python: they are what the TAP tests link.
-C_ENGINE := csrc/ring.c csrc/acct.c csrc/monitor.c csrc/reentry.c csrc/sites.c csrc/measures.c \
+C_ENGINE := csrc/ring.c csrc/acct.c csrc/batch.c csrc/monitor.c csrc/reentry.c csrc/sites.c csrc/measures.c \
 	csrc/zmqlib.c \
 	csrc/blackbox.c csrc/elf_patch.c
 C_TESTS := $(patsubst tests/t-%.c,tests/bin/t-%,$(wildcard tests/t-*.c))

@@ -129,23 +129,37 @@ static int cross_epoch(int64_t epoch)
     return 0;
 }
 
-MG_HOOKSAFE int mg_acct_alloc(mg_domain_t d, size_t n)
+/* Add n bytes to domain d and raise the cell's peak to the new total; returns the total
+ * (with this block: the same thread's RMW comes first). Hook-safe. */
+static inline int64_t add_and_peak(mg_domain_t d, int64_t n)
 {
     int64_t now;
     int64_t peak;
-    uint64_t seq;
-    int64_t budget;
-    int64_t start;
-    int64_t epoch;
 
-    atomic_fetch_add_explicit(&s_domain[d], (int64_t)n, memory_order_relaxed);
-    now = tracked_sum(); /* with this block: the same thread's RMW comes first */
+    atomic_fetch_add_explicit(&s_domain[d], n, memory_order_relaxed);
+    now = tracked_sum();
     peak = atomic_load_explicit(&s_cell_peak, memory_order_relaxed);
     while (now > peak &&
            !atomic_compare_exchange_weak_explicit(&s_cell_peak, &peak, now,
                                                   memory_order_relaxed, memory_order_relaxed)) {
         /* peak was reloaded by the failed CAS; retry while we are still higher */
     }
+    return now;
+}
+
+MG_HOOKSAFE void mg_acct_add(mg_domain_t d, size_t n)
+{
+    (void)add_and_peak(d, (int64_t)n);
+}
+
+MG_HOOKSAFE int mg_acct_alloc(mg_domain_t d, size_t n)
+{
+    int64_t now = add_and_peak(d, (int64_t)n);
+    uint64_t seq;
+    int64_t budget;
+    int64_t start;
+    int64_t epoch;
+
     /* The cell protocol's read, inlined so the common case (no budget) stops after two
      * loads. A budget of 0 read during a change only skips this one check. */
     seq = atomic_load_explicit(&s_cell_seq, memory_order_acquire);

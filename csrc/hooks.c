@@ -6,6 +6,7 @@
 #include <stdatomic.h>
 
 #include "mg_acct.h"
+#include "mg_batch.h"
 #include "mg_frames.h"
 #include "mg_hooks.h"
 #include "mg_reentry.h"
@@ -33,13 +34,11 @@ MG_HOOKSAFE void mg_hooks_push(uint32_t kind, int32_t line, int64_t bytes, int64
     (void)mg_ring_push(&ev); /* a full ring counts the drop itself */
 }
 
-MG_HOOKSAFE int mg_hooks_refuse(int was, size_t n)
+MG_HOOKSAFE MG_SLOWPATH int mg_hooks_refuse_slow(size_t n)
 {
     mg_refusal_t why;
     int32_t line;
 
-    if (was || !mg_acct_enabled())
-        return 0;
     why = mg_acct_check_request(n);
     if (why == MG_REFUSE_NONE)
         return 0;
@@ -59,11 +58,11 @@ MG_HOOKSAFE int mg_hooks_refuse(int was, size_t n)
     return 1;
 }
 
-MG_HOOKSAFE int mg_hooks_refuse_heap(int was, size_t n)
+MG_HOOKSAFE MG_SLOWPATH int mg_hooks_refuse_heap_slow(size_t n)
 {
     int32_t line;
 
-    if (was || !mg_acct_enabled() || mg_acct_check_limit(n) == MG_REFUSE_NONE)
+    if (mg_acct_check_limit(n) == MG_REFUSE_NONE)
         return 0;
     /* Rare path (within the reserve of the limit): one frame walk. Only the cell's own
      * code is refused; the kernel's machinery, memguard's relay and the error's handling
@@ -77,41 +76,27 @@ MG_HOOKSAFE int mg_hooks_refuse_heap(int was, size_t n)
     return 1;
 }
 
-MG_HOOKSAFE void mg_hooks_count_alloc(mg_domain_t d, size_t n, void *p)
+MG_HOOKSAFE MG_SLOWPATH void mg_hooks_count_alloc_slow(mg_domain_t d, size_t n, void *p,
+                                           int32_t (*line_of)(void))
 {
-    int line = LINE_UNREAD;
-    int crossed = mg_acct_alloc(d, n);
+    int32_t line = LINE_UNREAD;
+    int crossed;
 
-    /* Rare path: blocks of at least the threshold (one frame walk each, only with the
-     * GIL: mg_frames_cell_line checks) are recorded with their site. */
-    if (n >= mg_sites_threshold()) {
-        line = mg_frames_cell_line();
+    if (n < mg_sites_threshold()) {
+        /* A small block whose batch is full: the batch moves to the counters. */
+        crossed = mg_batch_move_alloc(d, n);
+    } else {
+        /* Rare path: blocks of at least the threshold (one frame walk each, only with the
+         * GIL: mg_frames_cell_line checks) are counted at once and recorded with their
+         * site. */
+        crossed = mg_acct_alloc(d, n);
+        line = line_of();
         mg_sites_alloc(p, n, mg_acct_epoch(), line);
     }
     if (!crossed)
         return;
     /* Rarer still: once per cell. */
-    mg_hooks_push(MG_KIND_BUDGET, line == LINE_UNREAD ? mg_frames_cell_line() : line, (int64_t)n, 0);
-}
-
-MG_HOOKSAFE void mg_hooks_count_free(mg_domain_t d, size_t n, void *p)
-{
-    if (n >= mg_sites_threshold())
-        mg_sites_free(p);
-    mg_acct_free(d, n);
-}
-
-MG_HOOKSAFE void mg_hooks_after_alloc(int was, mg_domain_t d, void *p)
-{
-    if (p != NULL && !was && mg_acct_enabled())
-        mg_hooks_count_alloc(d, malloc_usable_size(p), p);
-}
-
-MG_HOOKSAFE void mg_hooks_before_free(int was, mg_domain_t d, void *ptr)
-{
-    /* Called before the real free, so the address cannot be reused in between. */
-    if (ptr != NULL && !was && mg_acct_enabled())
-        mg_hooks_count_free(d, malloc_usable_size(ptr), ptr);
+    mg_hooks_push(MG_KIND_BUDGET, line == LINE_UNREAD ? line_of() : line, (int64_t)n, 0);
 }
 
 MG_HOOKSAFE int mg_hooks_counting(int was)
@@ -140,7 +125,7 @@ MG_HOOKSAFE void mg_hooks_after_realloc(int count, mg_domain_t d, size_t old, vo
      * The old block's site was settled in mg_hooks_realloc_old. */
     if (p == NULL || !count)
         return;
-    mg_acct_free(d, old);
+    mg_hooks_free_bytes(d, old);
     mg_hooks_count_alloc(d, malloc_usable_size(p), p);
 }
 

@@ -84,17 +84,11 @@ static int32_t native_line(void)
 }
 
 /* mg_hooks_count_alloc with native_line for the site and the crossing. Hook-safe. */
-static void native_count_alloc(size_t n, void *p)
+static inline void native_count_alloc(size_t n, void *p)
 {
-    int crossed = mg_acct_alloc(MG_DOMAIN_NATIVE, n);
-    int32_t line = -2;
-
-    if (n >= mg_sites_threshold()) {
-        line = native_line();
-        mg_sites_alloc(p, n, mg_acct_epoch(), line);
-    }
-    if (crossed)
-        mg_hooks_push(MG_KIND_BUDGET, line == -2 ? native_line() : line, (int64_t)n, 0);
+    if (n < mg_sites_threshold() && mg_batch_alloc(MG_DOMAIN_NATIVE, n))
+        return;
+    mg_hooks_count_alloc_slow(MG_DOMAIN_NATIVE, n, p, native_line);
 }
 
 /* ---- anonymous mappings -------------------------------------------------------------- */
@@ -359,7 +353,7 @@ static inline void count_alloc(int was, void *p)
 
 static void *nat_malloc(size_t n)
 {
-    if (t_mg_in_hook) /* nested in another memguard hook (PyMem RAW, NEP 49): a tail call */
+    if (t_mg.in_hook) /* nested in another memguard hook (PyMem RAW, NEP 49): a tail call */
         return r_malloc(n);
     int was = mg_reentry_enter();
     void *p = r_malloc(n);
@@ -399,7 +393,7 @@ static void *nat_malloc_r(size_t n) { return sized_common(r_malloc, n, 1); }
 
 static void *nat_calloc(size_t k, size_t n)
 {
-    if (t_mg_in_hook)
+    if (t_mg.in_hook)
         return r_calloc(k, n);
     int was = mg_reentry_enter();
     void *p = r_calloc(k, n);
@@ -442,10 +436,10 @@ static void *realloc_common(void *ptr, size_t n, int refusing)
     if (p == NULL && n == 0 && ptr != NULL) {
         /* realloc(p, 0) freed p (glibc): count the free */
         if (count)
-            mg_acct_free(MG_DOMAIN_NATIVE, old);
+            mg_hooks_free_bytes(MG_DOMAIN_NATIVE, old);
     } else if (p != NULL && count) {
         /* free(old) + alloc(new); the old block's site was settled by realloc_old */
-        mg_acct_free(MG_DOMAIN_NATIVE, old);
+        mg_hooks_free_bytes(MG_DOMAIN_NATIVE, old);
         native_count_alloc(malloc_usable_size(p), p);
     }
     mg_reentry_leave(was);
@@ -454,7 +448,7 @@ static void *realloc_common(void *ptr, size_t n, int refusing)
 
 static void *nat_realloc(void *ptr, size_t n)
 {
-    if (t_mg_in_hook)
+    if (t_mg.in_hook)
         return r_realloc(ptr, n);
     return realloc_common(ptr, n, 0);
 }
@@ -484,7 +478,7 @@ static void *nat_reallocarray_r(void *ptr, size_t k, size_t n)
 
 static void nat_free(void *ptr)
 {
-    if (t_mg_in_hook) {
+    if (t_mg.in_hook) {
         r_free(ptr);
         return;
     }
@@ -571,7 +565,7 @@ static void *mmap_common(void *addr, size_t len, int prot, int flags, int fd, of
 
 static void *nat_mmap(void *a, size_t l, int p, int f, int fd, off_t o)
 {
-    if (t_mg_in_hook) /* pymalloc's arenas, under the arena hook */
+    if (t_mg.in_hook) /* pymalloc's arenas, under the arena hook */
         return r_mmap(a, l, p, f, fd, o);
     return mmap_common(a, l, p, f, fd, o, 0);
 }
@@ -583,7 +577,7 @@ static void *nat_mmap_r(void *a, size_t l, int p, int f, int fd, off_t o)
 
 static int nat_munmap(void *addr, size_t len)
 {
-    if (t_mg_in_hook)
+    if (t_mg.in_hook)
         return r_munmap(addr, len);
     int was = mg_reentry_enter();
 

@@ -6,6 +6,7 @@
 
 #include "memguard.h"
 #include "mg_acct.h"
+#include "mg_batch.h"
 #include "mg_blackbox.h"
 #include "mg_frames.h"
 #include "mg_hooks.h"
@@ -33,6 +34,7 @@ static PyObject *core_install(PyObject *self, PyObject *unused)
     if (!mg_acct_enabled()) {
         mg_sites_reset();
         mg_acct_reset();
+        mg_batch_reset();
     }
     rewrapped = mg_hooks_pymem_install();
     mg_acct_set_enabled(1);
@@ -131,6 +133,8 @@ static PyObject *core_cell_begin(PyObject *self, PyObject *args)
         return NULL;
     mg_sites_sweep((int64_t)epoch);
     mg_measures_cell_begin();
+    /* The cell thread's batch belongs to the cell that ends (include/mg_batch.h). */
+    mg_batch_flush();
     mg_acct_cell_begin((int64_t)epoch, budget);
     Py_RETURN_NONE;
 }
@@ -151,6 +155,7 @@ static PyObject *core_snapshot(PyObject *self, PyObject *unused)
     mg_measures_snapshot_t r;
     int64_t rss = mg_measures_read();
 
+    mg_batch_flush(); /* this thread's small blocks, exactly (include/mg_batch.h) */
     mg_acct_snapshot(&s);
     mg_measures_snapshot(&r);
     if (rss < 0)

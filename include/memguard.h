@@ -16,12 +16,19 @@
  * (docs/design.md, Hook safety). It expands to nothing. */
 #define MG_HOOKSAFE
 
-/* Thread-local storage read on every allocation (the hooks' reentrancy flag), in the
- * initial-exec model: one %fs-relative access instead of a call through a TLS descriptor,
- * which was a tenth of the NumPy hook's instructions (bench/overhead.py --callgrind,
- * small_arrays). A module loaded by dlopen, as this one is, takes such variables from the
- * static TLS surplus glibc keeps for it (glibc.rtld.optional_static_tls, 512 bytes by
- * default since glibc 2.32; memguard uses 8). */
+/* Marks the out-of-line part of a hook (a rare path: a block of at least the attribution
+ * threshold, a full batch, raise mode's judgement), so that the inline common path keeps
+ * few registers live and saves few on entry (objdump of np_malloc: six pushes when the
+ * compiler inlined the raise-mode path into it). */
+#define MG_SLOWPATH __attribute__((noinline, cold))
+
+/* Thread-local storage read on every allocation (the hooks' reentrancy flag and batches),
+ * in the initial-exec model: one %fs-relative access instead of a call through a TLS
+ * descriptor, which was a tenth of the NumPy hook's instructions (bench/overhead.py
+ * --callgrind, small_arrays). A module loaded by dlopen, as this one is, takes such
+ * variables from the static TLS surplus glibc keeps for it (glibc.rtld.optional_static_tls,
+ * 512 bytes by default since glibc 2.32; memguard uses 64: the hooks' block t_mg in
+ * include/mg_reentry.h, a probe flag and the batches' generation). */
 #define MG_TLS _Thread_local __attribute__((tls_model("initial-exec")))
 
 /* Return codes of the engine functions (mg_ring_*, mg_acct_*, mg_monitor_*): 0 on success,

@@ -34,6 +34,11 @@ MG_HOOKSAFE int mg_acct_enabled(void);
  * first time in the cell, 0 otherwise. Hook-safe, any thread. */
 MG_HOOKSAFE int mg_acct_alloc(mg_domain_t d, size_t n);
 
+/* Count n bytes in domain d like mg_acct_alloc, peak included, but leave the budget to the
+ * next mg_acct_alloc (which reports a crossing this made): for a caller that cannot report
+ * one (csrc/batch.c at thread exit). Hook-safe, any thread. */
+MG_HOOKSAFE void mg_acct_add(mg_domain_t d, size_t n);
+
 /* Count a free of n bytes in domain d. Hook-safe, any thread. */
 MG_HOOKSAFE void mg_acct_free(mg_domain_t d, size_t n);
 

@@ -5,15 +5,15 @@
 #define MEMGUARD_MG_HOOKS_H
 
 #include <Python.h>
+#include <malloc.h>
 #include <stddef.h>
 
-#include "memguard.h"
+#include "mg_acct.h"
+#include "mg_batch.h"
+#include "mg_frames.h"
+#include "mg_sites.h"
 
-/* Count the allocation p of n bytes in domain d. A block of at least the attribution
- * threshold (mg_sites_threshold) is attributed to a cell line (mg_frames_cell_line) and
- * recorded in mg_sites, which applies the accumulation rule. When the allocation makes the
- * running cell cross its budget, push an MG_KIND_BUDGET event to the ring. Hook-safe. */
-MG_HOOKSAFE void mg_hooks_count_alloc(mg_domain_t d, size_t n, void *p);
+#include "memguard.h"
 
 /* Push an event of `kind` for the running cell to the ring (its epoch, the cell usage now
  * and the time filled in); a full ring counts the drop itself. `line` -1 if unknown; `count`
@@ -27,26 +27,82 @@ MG_HOOKSAFE void mg_hooks_push(uint32_t kind, int32_t line, int64_t bytes, int64
  * the limit is flagged (MG_KIND_LIMIT_REQUEST, once per cell) and allowed. Returns 1 to
  * refuse. Only for allocations whose callers handle NULL (NumPy raises MemoryError).
  * `was` as from mg_reentry_enter: nested calls are never refused. Hook-safe. */
-MG_HOOKSAFE int mg_hooks_refuse(int was, size_t n);
+MG_HOOKSAFE MG_SLOWPATH int mg_hooks_refuse_slow(size_t n);
+MG_HOOKSAFE static inline int mg_hooks_refuse(int was, size_t n)
+{
+    /* Inline, the common case: warn mode and a request below MG_SMALL_REQUEST, which
+     * mg_acct_check_request never flags there. */
+    if (was || !mg_acct_enabled() || (n < MG_SMALL_REQUEST && !mg_acct_raise()))
+        return 0;
+    return mg_hooks_refuse_slow(n);
+}
 
 /* The same for a Python-heap request (a RAW block, or a pymalloc arena: pymalloc then falls
  * back to RAW, which refuses too, and CPython raises MemoryError): in raise mode only, only
  * for the limit (mg_acct_check_limit), and only while the cell's own code is running on
  * this thread (mg_frames_cell_line finds its line; never without the GIL). Returns 1 to
  * refuse. Hook-safe. */
-MG_HOOKSAFE int mg_hooks_refuse_heap(int was, size_t n);
+MG_HOOKSAFE MG_SLOWPATH int mg_hooks_refuse_heap_slow(size_t n);
+MG_HOOKSAFE static inline int mg_hooks_refuse_heap(int was, size_t n)
+{
+    /* Inline, the common case: outside raise mode nothing is judged. */
+    if (was || !mg_acct_enabled() || !mg_acct_raise())
+        return 0;
+    return mg_hooks_refuse_heap_slow(n);
+}
+
+/* The counting step of every hook, for a block p of n bytes in domain d (n as measured:
+ * malloc_usable_size, or the size CPython passes for an arena). A block below the
+ * attribution threshold (mg_sites_threshold) goes into this thread's batch (mg_batch.h):
+ * a few thread-local instructions, the common case. A block of at least the threshold is
+ * counted at once, attributed to the line line_of() returns (mg_frames_cell_line; the
+ * native hooks pass their own) and recorded in mg_sites, which applies the accumulation
+ * rule. When the count makes the running cell cross its budget, an MG_KIND_BUDGET event goes
+ * to the ring with that line. Hook-safe. */
+MG_HOOKSAFE MG_SLOWPATH void mg_hooks_count_alloc_slow(mg_domain_t d, size_t n, void *p,
+                                           int32_t (*line_of)(void));
+MG_HOOKSAFE static inline void mg_hooks_count_alloc(mg_domain_t d, size_t n, void *p)
+{
+    if (n < mg_sites_threshold() && mg_batch_alloc(d, n))
+        return;
+    mg_hooks_count_alloc_slow(d, n, p, mg_frames_cell_line);
+}
+
+/* Take n bytes of domain d off the count (no site: the caller settled it). Hook-safe. */
+MG_HOOKSAFE static inline void mg_hooks_free_bytes(mg_domain_t d, size_t n)
+{
+    if (!mg_batch_free(d, n))
+        mg_batch_move_free(d, n);
+}
 
 /* Count the free of p, n bytes in domain d, and take it off its site. Call before the real
- * free. Hook-safe. */
-MG_HOOKSAFE void mg_hooks_count_free(mg_domain_t d, size_t n, void *p);
+ * free, so the address cannot be reused in between. Hook-safe. */
+MG_HOOKSAFE static inline void mg_hooks_count_free(mg_domain_t d, size_t n, void *p)
+{
+    if (n >= mg_sites_threshold())
+        mg_sites_free(p);
+    mg_hooks_free_bytes(d, n);
+}
 
 /* The counting rule every malloc-backed wrapper follows, in one place. `was` is what
  * mg_reentry_enter returned: a nested call (was != 0) or disabled counting counts nothing.
  * Blocks are measured with malloc_usable_size on both ends, so alloc and free always agree
  * even when a caller's size arguments drift (docs/design.md, Allocator hooks: exact against mallinfo2);
  * that needs the allocator below to hand out malloc'd pointers. All hook-safe. */
-MG_HOOKSAFE void mg_hooks_after_alloc(int was, mg_domain_t d, void *p);    /* p may be NULL */
-MG_HOOKSAFE void mg_hooks_before_free(int was, mg_domain_t d, void *ptr);  /* ptr may be NULL */
+MG_HOOKSAFE static inline void mg_hooks_after_alloc(int was, mg_domain_t d, void *p)
+{
+    /* p may be NULL */
+    if (p != NULL && !was && mg_acct_enabled())
+        mg_hooks_count_alloc(d, malloc_usable_size(p), p);
+}
+
+MG_HOOKSAFE static inline void mg_hooks_before_free(int was, mg_domain_t d, void *ptr)
+{
+    /* ptr may be NULL */
+    if (ptr != NULL && !was && mg_acct_enabled())
+        mg_hooks_count_free(d, malloc_usable_size(ptr), ptr);
+}
+
 /* For realloc, decided once so the old and new blocks are counted alike even if counting is
  * switched off meanwhile: mg_hooks_counting says whether to count (not nested, enabled);
  * mg_hooks_realloc_old reads the old block's size before the real realloc (0 when not
