@@ -219,6 +219,8 @@ class WorkerGuard:
         self.refusals_seen = 0
         self.undo = None
         self.box = None
+        # The black box's "cell source" between tasks: the same every time.
+        self.idle_source = HEADER + json.dumps({"worker": self.address})
 
     # load / unload
     def start(self):
@@ -324,8 +326,7 @@ class WorkerGuard:
         cell = entry[0]
         self._restore(key)
         core = STATE.core
-        snap = coreview.snapshot(core)
-        if not snap.of_cell(cell.epoch):
+        if STATE.epoch != cell.epoch:
             return  # another task began since (more than one thread): it owns the unit now
         from . import cells
 
@@ -345,7 +346,7 @@ class WorkerGuard:
         core.set_cell_file(None)
         core.cell_begin(STATE.epoch, 0)
         core.set_raise(False)
-        core.blackbox_set_cell(STATE.epoch, -1, HEADER + json.dumps({"worker": self.address}))
+        core.blackbox_set_cell(STATE.epoch, -1, self.idle_source)
 
     def _wrap(self, spec, cell):
         """Replace the task's function by one that records the executing thread and turns
