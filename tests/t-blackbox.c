@@ -80,6 +80,28 @@ static void t_clean_close_leaves_a_readable_box(void)
     check_int(memcmp(s_file.cell.source, src, strlen(src)), ==, 0);
     check_uint(s_file.cell.parent_len, ==, strlen(parent));
     check_int(memcmp(s_file.cell.parent, parent, strlen(parent)), ==, 0);
+    /* A shorter cell after a longer one leaves nothing of the longer one behind it. */
+    {
+        static char longer[MG_BB_SOURCE_MAX + 100];
+        mg_bb_file_t *after = calloc(1, sizeof(*after));
+
+        memset(longer, 'x', sizeof(longer));
+        check_int(mg_blackbox_open(path, "kernel-abc.json"), ==, 0);
+        mg_blackbox_set_cell(4, 8, longer, sizeof(longer), parent, strlen(parent));
+        mg_blackbox_set_cell(5, 9, "y = 1\n", 6, "{}", 2);
+        check_int(mg_blackbox_close(0), ==, 0);
+        check_int(read_box(path, after), ==, 0);
+        check_uint(after->cell.source_len, ==, 6);
+        check_int(memcmp(after->cell.source, "y = 1\n", 6), ==, 0);
+        check_uint(after->cell.parent_len, ==, 2);
+        int dirty = 0;
+        for (size_t i = 6; i < MG_BB_SOURCE_MAX; i++)
+            dirty += after->cell.source[i] != 0;
+        for (size_t i = 2; i < MG_BB_PARENT_MAX; i++)
+            dirty += after->cell.parent[i] != 0;
+        check_int(dirty, ==, 0);
+        free(after);
+    }
     check_uint(s_file.alerts.total, ==, 1);
     check_int(s_file.alerts.ring[0].bytes, ==, 123456);
     check_uint(atomic_load(&s_file.samples_total), ==, 3);
