@@ -26,20 +26,26 @@ static pthread_once_t s_key_once = PTHREAD_ONCE_INIT;
 static pthread_key_t s_key;
 static int s_key_ok = 0;
 
-/* Move this thread's batches into mg_acct: frees first, so the peak is not overstated.
- * report: 1 to judge the budget (mg_acct_alloc; returns its crossing), 0 to leave that to
- * the next mg_acct_alloc (mg_acct_add). A batch of an older generation is dropped. */
-static int move_all(int report)
+/* Zero this thread's batches if a reset (mg_batch_reset) came after they were started: they
+ * hold bytes counted before the counters were zeroed. */
+static void drop_stale(void)
 {
     uint64_t gen = atomic_load_explicit(&s_gen, memory_order_relaxed);
+
+    if (t_gen == gen)
+        return;
+    for (int d = 0; d < MG_DOMAIN_COUNT; d++)
+        t_mg.batch[d] = 0;
+    t_gen = gen;
+}
+
+/* Move this thread's batches into mg_acct: frees first, so the peak is not overstated.
+ * report: 1 to judge the budget (mg_acct_alloc; returns its crossing), 0 to leave that to
+ * the next mg_acct_alloc (mg_acct_add). Call drop_stale first. */
+static int move_all(int report)
+{
     int crossed = 0;
 
-    if (t_gen != gen) {
-        for (int d = 0; d < MG_DOMAIN_COUNT; d++)
-            t_mg.batch[d] = 0;
-        t_gen = gen;
-        return 0;
-    }
     for (int d = 0; d < MG_DOMAIN_COUNT; d++) {
         if (t_mg.batch[d] < 0) {
             mg_acct_free((mg_domain_t)d, (size_t)-t_mg.batch[d]);
@@ -68,6 +74,7 @@ static void thread_exit(void *unused)
     int was = mg_reentry_enter();
 
     (void)unused;
+    drop_stale();
     (void)move_all(0);
     t_mg.batch_room = 0;
     mg_reentry_leave(was);
@@ -91,24 +98,26 @@ static void register_thread(void)
     mg_reentry_leave(was);
 }
 
-MG_HOOKSAFE MG_SLOWPATH int mg_batch_move_alloc(mg_domain_t d, size_t n)
+/* The slow paths' first step: a thread's first move registers it for the exit flush, and
+ * a batch from before a reset is dropped before the new block joins it, so the block
+ * itself is never dropped. */
+static void begin_move(void)
 {
     if (t_mg.batch_room == 0)
         register_thread();
-    /* Check the generation before the block joins the batch, so the block itself is
-     * never dropped. */
-    if (t_gen != atomic_load_explicit(&s_gen, memory_order_relaxed))
-        (void)move_all(0);
+    drop_stale();
+}
+
+MG_HOOKSAFE MG_SLOWPATH int mg_batch_move_alloc(mg_domain_t d, size_t n)
+{
+    begin_move();
     t_mg.batch[d] += (int64_t)n;
     return move_all(1);
 }
 
 MG_HOOKSAFE MG_SLOWPATH void mg_batch_move_free(mg_domain_t d, size_t n)
 {
-    if (t_mg.batch_room == 0)
-        register_thread();
-    if (t_gen != atomic_load_explicit(&s_gen, memory_order_relaxed))
-        (void)move_all(0);
+    begin_move();
     if ((int64_t)n > MG_BATCH_ROOM) {
         mg_acct_free(d, n);
         return;
@@ -119,6 +128,7 @@ MG_HOOKSAFE MG_SLOWPATH void mg_batch_move_free(mg_domain_t d, size_t n)
 
 MG_HOOKSAFE void mg_batch_flush(void)
 {
+    drop_stale();
     (void)move_all(0);
 }
 

@@ -86,9 +86,7 @@ static int32_t native_line(void)
 /* mg_hooks_count_alloc with native_line for the site and the crossing. Hook-safe. */
 static inline void native_count_alloc(size_t n, void *p)
 {
-    if (n < mg_sites_threshold() && mg_batch_alloc(MG_DOMAIN_NATIVE, n))
-        return;
-    mg_hooks_count_alloc_slow(MG_DOMAIN_NATIVE, n, p, native_line);
+    mg_hooks_count_alloc_at(MG_DOMAIN_NATIVE, n, p, native_line);
 }
 
 /* ---- anonymous mappings -------------------------------------------------------------- */

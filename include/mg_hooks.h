@@ -61,11 +61,17 @@ MG_HOOKSAFE static inline int mg_hooks_refuse_heap(int was, size_t n)
  * to the ring with that line. Hook-safe. */
 MG_HOOKSAFE MG_SLOWPATH void mg_hooks_count_alloc_slow(mg_domain_t d, size_t n, void *p,
                                            int32_t (*line_of)(void));
-MG_HOOKSAFE static inline void mg_hooks_count_alloc(mg_domain_t d, size_t n, void *p)
+MG_HOOKSAFE static inline void mg_hooks_count_alloc_at(mg_domain_t d, size_t n, void *p,
+                                                      int32_t (*line_of)(void))
 {
     if (n < mg_sites_threshold() && mg_batch_alloc(d, n))
         return;
-    mg_hooks_count_alloc_slow(d, n, p, mg_frames_cell_line);
+    mg_hooks_count_alloc_slow(d, n, p, line_of);
+}
+
+MG_HOOKSAFE static inline void mg_hooks_count_alloc(mg_domain_t d, size_t n, void *p)
+{
+    mg_hooks_count_alloc_at(d, n, p, mg_frames_cell_line);
 }
 
 /* Take n bytes of domain d off the count (no site: the caller settled it). Hook-safe. */
