@@ -13,7 +13,8 @@ rounds (the least disturbed run) per configuration. The target is a ratio of at 
 (README, "Dask"); it is reported, not asserted: wall time on a shared 2-core machine moves
 by several percent. Beside it, the workers' CPU time (user + system of the worker processes,
 all threads): of each workload's least costly round, and summed over every round of both
-clusters of a configuration, which follows the placement of work on one cluster least.
+clusters of a configuration. It leaves out waits for the CPUs, not the differences between
+one cluster and the next.
 Writes build/bench_dask.json.
 """
 
@@ -148,10 +149,10 @@ def main(argv=None):
                        "cpu_ratio": guarded_cpu / plain_cpu,
                        "plain_cpu_total_s": plain_total, "memguard_cpu_total_s": guarded_total,
                        "cpu_total_ratio": guarded_total / plain_total}
-    # Wall time is the target's measure; the workers' CPU time (every thread of the worker
-    # processes: tasks, event loop, memguard's monitor and relay) moves far less with the
-    # scheduling noise of a shared machine, so it says what memguard costs when wall time
-    # cannot (README, "Dask").
+    # Wall time is the target's measure. The workers' CPU time (every thread of the worker
+    # processes: tasks, event loop, memguard's monitor and relay) leaves out the waits for a
+    # shared machine's CPUs, but from one cluster to the next it moved as much as wall time
+    # did on 2026-12-02 (README, "Dask"): neither resolves a few percent there.
     print(f"{'workload':32} {'plain':>9} {'memguard':>9} {'ratio':>7}   "
           f"{'CPU plain':>9} {'memguard':>9} {'ratio':>7}   {'CPU, all rounds':>15}")
     for name, row in table.items():
