@@ -40,7 +40,7 @@ import sys
 import threading
 import time
 
-from . import blackbox, coreview, limits, records, refuse, render, report, sparse
+from . import blackbox, cells, coreview, limits, records, refuse, render, report, sparse
 from ._state import STATE, Cell
 from .sizes import format_size, parse_size
 
@@ -61,6 +61,7 @@ CRASH_WAIT = 10.0  # seconds a cell that got KilledWorker waits for the crash re
 WORKER_MONITOR_MS = 5
 FINISH_DRAIN = 0.5  # seconds a finished task waits for its alerts in flight
 MAX_TASKS = 1000  # task records kept per worker for late alerts
+MAX_DESCRIBED = 256  # task functions whose description a worker keeps (_Described)
 _MODES = ("warn", "raise")
 # What a worker adds to an alert (docs/interface.md, "Dask workers").
 TASK_FIELDS = ("task", "function", "file", "function_line", "code_hash", "worker")
@@ -141,6 +142,31 @@ def code_hash(code):
     """A short fingerprint of a code object's bytecode, the same in the notebook and in a
     worker that unpickled it."""
     return hashlib.sha1(code.co_code).hexdigest()[:16]
+
+
+class _Described:
+    """describe() of the task functions a worker runs, kept per function object: a graph
+    calls the same few functions in every one of its tasks, and hashing the bytecode and
+    encoding the black box's JSON for each task was half of what memguard added per task
+    (cProfile of a worker in bench/dask_overhead.py's chunked reduction). Holds up to
+    MAX_DESCRIBED functions (strong references, so an id is never reused while kept),
+    then starts over. Worker's event loop thread only."""
+
+    def __init__(self):
+        self._by_id = {}
+
+    def get(self, func):
+        """(fields, globals, code filename, JSON of fields without its closing brace)."""
+        hit = self._by_id.get(id(func))
+        if hit is not None and hit[0] is func:
+            return hit[1]
+        fields, globs = describe(func)
+        code_name = getattr(getattr(func, "__code__", None), "co_filename", None)
+        entry = (fields, globs, code_name, json.dumps(fields)[:-1])
+        if len(self._by_id) >= MAX_DESCRIBED:
+            self._by_id.clear()
+        self._by_id[id(func)] = (func, entry)
+        return entry
 
 
 def box_path(pid, directory=None):
@@ -225,6 +251,12 @@ class WorkerGuard:
         self.refusals_seen = 0
         self.undo = None
         self.box = None
+        self.raise_mode = mode == "raise"
+        self.described = _Described()
+        from dask.utils import funcname
+
+        self.funcname = funcname  # the name distributed's logs give a task's function
+        self.address_json = json.dumps(self.address)
         # The black box's "cell source" between tasks: the same every time.
         self.idle_source = HEADER + json.dumps({"worker": self.address})
 
@@ -304,10 +336,9 @@ class WorkerGuard:
     def begin(self, key):
         ts = self.worker.state.tasks.get(key)
         spec = getattr(ts, "run_spec", None)
-        func = task_function(spec)
-        fields, globs = describe(func)
-        code_name = getattr(getattr(func, "__code__", None), "co_filename", None)
-        fields["task"] = key if isinstance(key, str) else str(key)
+        func_fields, globs, code_name, func_json = self.described.get(task_function(spec))
+        fields = dict(func_fields)
+        fields["task"] = task = key if isinstance(key, str) else str(key)
         fields["worker"] = self.address
         core = STATE.core
         STATE.epoch += 1
@@ -321,8 +352,10 @@ class WorkerGuard:
         core.set_user_globals(globs)
         core.set_cell_file(code_name)
         core.cell_begin(cell.epoch, self.budget)
-        core.set_raise(self.mode == "raise")
-        core.blackbox_set_cell(cell.epoch, -1, HEADER + json.dumps(fields))
+        core.set_raise(self.raise_mode)
+        # The same JSON as json.dumps(fields), from the function's part kept by _Described.
+        core.blackbox_set_cell(cell.epoch, -1, f"{HEADER}{func_json}, \"task\": "
+                               f"{json.dumps(task)}, \"worker\": {self.address_json}}}")
         self.running[key] = (cell, spec, self._wrap(spec, cell))
 
     def finish(self, key):
@@ -334,11 +367,11 @@ class WorkerGuard:
         core = STATE.core
         if STATE.epoch != cell.epoch:
             return  # another task began since (more than one thread): it owns the unit now
-        from . import cells
-
         cells.drain(FINISH_DRAIN)
-        snap = coreview.snapshot(core)
-        records.finish(cell, coreview.sites(core, cell.epoch, 20), snap)
+        # records.finish only updates the alerts the task got; most tasks got none, and
+        # then the snapshot and the sites it would read are not needed.
+        if cell.alerts:
+            records.finish(cell, coreview.sites(core, cell.epoch, 20), coreview.snapshot(core))
         if not self.running:
             self._idle()
 
@@ -364,7 +397,9 @@ class WorkerGuard:
             return None
         guard = self
 
-        @functools.wraps(func)
+        # Not functools.wraps: copying every attribute for every task cost more than the
+        # rest of the wrapper. distributed calls spec.func and names it in its logs
+        # ("Compute Failed ... Task:", by dask.utils.funcname), so the name is kept.
         def guarded(*args, **kwargs):
             cell.thread = threading.get_ident()
             try:
@@ -375,7 +410,8 @@ class WorkerGuard:
                     raise
                 raise refuse.MemoryError(message).with_traceback(exc.__traceback__) from None
 
-        guarded._memguard_orig = func
+        guarded._memguard_orig = guarded.__wrapped__ = func
+        guarded.__name__ = guarded.__qualname__ = self.funcname(func)
         try:
             spec.func = guarded
         except (AttributeError, TypeError):
