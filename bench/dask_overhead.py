@@ -145,8 +145,8 @@ def main(argv=None):
                         help="ABBA blocks of four clusters (default 3; 1 with --quick)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message="Sending large graph")  # from_pandas's frame
-    rounds = args.rounds or (3 if args.quick else 5)
-    blocks = args.blocks or (1 if args.quick else 3)
+    rounds = args.rounds if args.rounds is not None else (3 if args.quick else 5)
+    blocks = args.blocks if args.blocks is not None else (1 if args.quick else 3)
     if rounds < 1 or blocks < 1:
         parser.error("--rounds and --blocks must be at least 1")
     workloads = {
