@@ -273,6 +273,37 @@ def test_a_function_that_keeps_its_cell_filename_resolves_to_its_cell():
         InteractiveShell.clear_instance()
 
 
+def test_a_task_function_is_described_once_and_not_kept_alive():
+    """A worker describes each task function once (bytecode hash, the black box's JSON), and
+    a function closing over a large object does not outlive its graph because of it."""
+    import gc
+    import weakref
+
+    from memguard.dask import _Described
+
+    class Big:
+        pass
+
+    big = Big()
+
+    def task(x, big=big):
+        return x
+
+    described = _Described()
+    fields, globs, filename, fragment = described.get(task)
+    assert fields["function"].endswith("task") and fields["code_hash"], fields
+    assert globs is task.__globals__ and filename == task.__code__.co_filename
+    assert json.loads(fragment + "}") == fields
+    assert described.get(task)[0] is fields  # the second task of the graph: kept
+    # A builtin has no bytecode: described each time, the same way.
+    assert described.get(len)[0] == {"function": "len", "file": None, "function_line": None,
+                                     "code_hash": None}
+    gone = weakref.ref(big)
+    del task, big
+    gc.collect()
+    assert gone() is None
+
+
 def test_terminal_client_gets_the_text_form_on_stderr(tmp_path):
     """A script (no kernel): the alert's text form on stderr, with the task's fields."""
     import subprocess

@@ -61,7 +61,6 @@ CRASH_WAIT = 10.0  # seconds a cell that got KilledWorker waits for the crash re
 WORKER_MONITOR_MS = 5
 FINISH_DRAIN = 0.5  # seconds a finished task waits for its alerts in flight
 MAX_TASKS = 1000  # task records kept per worker for late alerts
-MAX_DESCRIBED = 256  # task functions whose description a worker keeps (_Described)
 _MODES = ("warn", "raise")
 # What a worker adds to an alert (docs/interface.md, "Dask workers").
 TASK_FIELDS = ("task", "function", "file", "function_line", "code_hash", "worker")
@@ -145,28 +144,37 @@ def code_hash(code):
 
 
 class _Described:
-    """describe() of the task functions a worker runs, kept per function object: a graph
-    calls the same few functions in every one of its tasks, and hashing the bytecode and
-    encoding the black box's JSON for each task was half of what memguard added per task
-    (cProfile of a worker in bench/dask_overhead.py's chunked reduction). Holds up to
-    MAX_DESCRIBED functions (strong references, so an id is never reused while kept),
-    then starts over. Worker's event loop thread only."""
+    """describe() of the task functions a worker runs, kept per function: a graph calls the
+    same few functions in every one of its tasks, and hashing the bytecode and encoding the
+    black box's JSON for each task was half of what memguard added per task (cProfile of a
+    worker in bench/dask_overhead.py's chunked reduction). Kept only for Python functions,
+    by weak reference, and without their globals: a function closing over a large array
+    must not outlive its graph in the worker's memory because memguard described it. Other
+    callables (builtins, ufuncs) have no bytecode to hash and are described each time.
+    Worker's event loop thread only."""
 
     def __init__(self):
-        self._by_id = {}
+        import weakref
+
+        self._kept = weakref.WeakKeyDictionary()
 
     def get(self, func):
         """(fields, globals, code filename, JSON of fields without its closing brace)."""
-        hit = self._by_id.get(id(func))
-        if hit is not None and hit[0] is func:
-            return hit[1]
-        fields, globs = describe(func)
-        code_name = getattr(getattr(func, "__code__", None), "co_filename", None)
-        entry = (fields, globs, code_name, json.dumps(fields)[:-1])
-        if len(self._by_id) >= MAX_DESCRIBED:
-            self._by_id.clear()
-        self._by_id[id(func)] = (func, entry)
-        return entry
+        code = getattr(func, "__code__", None)
+        try:
+            hit = self._kept.get(func) if code is not None else None
+        except TypeError:  # not weakly referenceable, or unhashable
+            hit = None
+        if hit is None:
+            fields, _globs = describe(func)
+            hit = (fields, getattr(code, "co_filename", None), json.dumps(fields)[:-1])
+            if code is not None:
+                try:
+                    self._kept[func] = hit
+                except TypeError:
+                    pass
+        globs = getattr(func, "__globals__", None)
+        return hit[0], globs if isinstance(globs, dict) else None, hit[1], hit[2]
 
 
 def box_path(pid, directory=None):
