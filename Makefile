@@ -212,12 +212,13 @@ $(VENV)/.stamp-bench: requirements/bench.txt $(VENV)/.stamp-deps
 	else echo "bench: peers not installed; bench-overhead reports them as n/a"; fi
 
 # Overhead against plain Python, tracemalloc and the peers (bench/overhead.py): table and
-# build/bench.json. bench-quick: smaller inputs, fewer rounds, under 3 minutes.
+# build/bench.json. bench-quick: smaller inputs, plain and memguard only, in runners side by
+# side (--paired: neighbouring runs cancel the machine's drift), about 2 minutes.
 bench-overhead: .stamp-installed $(VENV)/.stamp-bench
 	$(VPY) bench/overhead.py $(BENCH_ARGS)
 
 bench-quick: .stamp-installed $(VENV)/.stamp-bench
-	$(VPY) bench/overhead.py --quick $(BENCH_ARGS)
+	$(VPY) bench/overhead.py --quick --paired $(BENCH_ARGS)
 
 # Instruction counts under valgrind's callgrind (build/bench_callgrind.json): ratios that
 # do not drift with machine load. Not part of `make bench` (about 10 minutes).

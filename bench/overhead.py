@@ -84,17 +84,29 @@ Instruction counts (``--callgrind``)
     instruction than it does natively: its Ir ratios overstate its real overhead. Written
     to build/bench_callgrind.json; one valgrind process per CPU, about 8 minutes here.
 
+Paired (``--paired``, ``make bench-quick``)
+    plain and memguard only, each in a runner that stays up (``--serve``), side by side:
+    every run of a workload's bodies in one is followed at once by a run in the other (AB,
+    BA, AB, ...), after one warm-up run each, and a workload's figure is the median ratio
+    of these neighbouring pairs, pooled over ``--runner-pairs`` pairs of runners (the
+    reasons and the measurements behind them: paired_bench). Where separate processes
+    minutes apart moved the NumPy geomean between 0.99 and 1.12 on this machine, two
+    quick paired runs agree within about 1 %. Every configuration runs exactly one cell
+    before its workloads (``%load_ext memguard``, ``import numpy`` or ``pass``): see the
+    runner.
+
 Targets (docs/design.md, "Allocator hooks"; reported, not asserted)
     memguard python geomean <= 1.05 with no python workload above 1.15, numpy geomean
     <= 1.01, memguard_rss_bytes <= 8 MiB.
 
 How to run
     make bench-overhead                 # all workloads and configurations (~9.5 min)
-    make bench-quick                    # 9 workloads, smaller inputs, 3 rounds for plain and
-                                        # memguard, 1 for the others, the notebook plain and
-                                        # memguard only (~2.5 min); same output
-    .venv/bin/python bench/overhead.py [--quick] [--reps N] [--workload NAME]...
-        [--config NAME]... [--rss-reps N] [--no-rss] [--callgrind] [--out build/bench.json]
+    make bench-quick                    # --quick --paired: 9 workloads, smaller inputs,
+                                        # plain and memguard, 2 pairs of runners x 5 pairs
+                                        # of runs (~2 min)
+    .venv/bin/python bench/overhead.py [--quick] [--paired] [--reps N] [--runner-pairs N]
+        [--workload NAME]... [--config NAME]... [--rss-reps N] [--no-rss] [--callgrind]
+        [--out build/bench.json]
 
     Prints the table and writes build/bench.json. Other load on the machine shows in the
     figures: the load average before and after is recorded, and a note is printed when it
@@ -431,6 +443,122 @@ def targets(rows, geo, rss):
     return out
 
 
+# --- paired: plain and memguard side by side, in lockstep ----------------------------------
+
+class Server:
+    """A runner in ``--serve`` mode (bench/overhead_runner.py) for ``config``."""
+
+    def __init__(self, bench, config, workloads):
+        self.config = config
+        self.tmp = tempfile.mkdtemp(dir=bench.base, prefix=f"{config}-")
+        self.result_file = os.path.join(self.tmp, "result.json")
+        read_fd, write_fd = os.pipe()
+        rest = ["--workloads", ",".join(workloads), "--scale", bench.scale, "--result",
+                self.result_file, "--serve", "--reply-fd", str(write_fd)]
+        # stderr to a file: memguard's alerts go there outside a kernel, and a pipe nobody
+        # reads until the end would fill and stop the runner.
+        self.stderr = open(os.path.join(self.tmp, "stderr"), "w+")
+        self.proc = subprocess.Popen(CONFIGS[config][2](self.tmp, rest), env=bench.env(self.tmp),
+                                     cwd=self.tmp, stdin=subprocess.PIPE,
+                                     stdout=subprocess.DEVNULL, stderr=self.stderr,
+                                     text=True, pass_fds=(write_fd,))
+        os.close(write_fd)
+        self.replies = os.fdopen(read_fd)
+
+    def run(self, workload):
+        """Seconds of one run of ``workload``'s bodies; RuntimeError when it failed."""
+        self.proc.stdin.write(f"run {workload}\n")
+        self.proc.stdin.flush()
+        line = self.replies.readline()
+        if not line:
+            self.proc.wait(timeout=RUN_TIMEOUT)
+            raise RuntimeError(failure_reason(self._stderr(), self.proc.returncode))
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(reply["error"])
+        return reply["seconds"]
+
+    def finish(self):
+        """Stop the runner; its failure reason, or None when memguard (or plain) was what
+        ran (check_config)."""
+        try:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+            rc = self.proc.wait(timeout=RUN_TIMEOUT)
+            if rc != 0 or not os.path.exists(self.result_file):
+                return failure_reason(self._stderr(), rc)
+            with open(self.result_file) as fh:
+                return check_config(self.config, json.load(fh))
+        except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
+            self.proc.kill()
+            return f"{type(exc).__name__}: {exc}"
+        finally:
+            self.replies.close()
+            self.stderr.close()
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _stderr(self):
+        self.stderr.flush()
+        self.stderr.seek(0)
+        return self.stderr.read()
+
+
+def paired_bench(args, workloads, bench):
+    """``--paired``: one plain and one memguard runner stay up side by side, and each run of
+    a workload's bodies in one is followed at once by a run in the other, in the order AB,
+    BA, AB, ... Each pair gives a ratio (memguard / plain), and a workload's figure is the
+    median of its pairs' ratios. On these shared machines the speed of the CPU drifts by up
+    to 13 % within minutes but little between neighbouring runs (successive runs of a fixed
+    loop correlate at 0.86, and the ratio of two neighbours varies by 2.6 %, against 4.9 %
+    for single runs: measured 2026-12-02), so neighbours cancel what separate processes
+    minutes apart cannot. Two processes of the same configuration still differ by up to
+    3 % in the median of their pairs (their memory layouts differ: plain against plain,
+    2026-12-02), so the pairs come from ``--runner-pairs`` pairs of runners, pooled. The
+    first run of each workload in each runner warms it up and is not counted, so the figure
+    is the steady state of a cell run again, with the setup's objects in place."""
+    times = {(w, c): [] for w in workloads for c in ("plain", "memguard")}
+    ratios = {w: [] for w in workloads}
+    na = {}
+    t_start = time.monotonic()
+    for k in range(args.runner_pairs):
+        servers = {c: Server(bench, c, workloads) for c in ("plain", "memguard")}
+        try:
+            for w in workloads:
+                if w in na:
+                    continue
+                try:
+                    for c in servers:
+                        servers[c].run(w)  # warm-up, not counted
+                    for i in range(args.reps):
+                        order = ("plain", "memguard") if i % 2 == 0 else ("memguard", "plain")
+                        got = {c: servers[c].run(w) for c in order}
+                        for c in order:
+                            times[(w, c)].append(got[c])
+                        ratios[w].append(got["memguard"] / got["plain"])
+                except RuntimeError as exc:
+                    na[w] = str(exc)
+                    print(f"[bench] {w}: n/a ({exc})", flush=True)
+                    break  # a runner that failed serves nothing more
+        finally:
+            why = {c: s.finish() for c, s in servers.items()}
+        for c, reason in why.items():
+            if reason:
+                for w in workloads:
+                    na.setdefault(w, f"{c}: {reason}")
+        print(f"[bench] runner pair {k + 1}/{args.runner_pairs} done "
+              f"({time.monotonic() - t_start:.0f} s)", flush=True)
+    rows = []
+    for w in workloads:
+        done = w not in na and len(ratios[w]) == args.reps * args.runner_pairs
+        rows.append({"name": w, "group": overhead_workloads.group(w),
+                     "ratio": {"memguard": statistics.median(ratios[w]) if done else None},
+                     "pair_ratios": ratios[w],
+                     "plain_s": statistics.median(times[(w, "plain")]) if done else None,
+                     "runs": {c: times[(w, c)] for c in ("plain", "memguard")},
+                     "na": {"memguard": na[w]} if w in na else {}})
+    return rows
+
+
 # --- memguard's own memory in a real kernel -----------------------------------------------
 
 def kernel_rss(with_memguard, cells, base):
@@ -591,6 +719,12 @@ def main(argv=None):
     parser.add_argument("--no-rss", action="store_true", help="skip the kernel RSS pairs")
     parser.add_argument("--callgrind", action="store_true",
                         help="instruction counts under valgrind instead of timings")
+    parser.add_argument("--paired", action="store_true",
+                        help="plain and memguard only, in runners side by side: the median "
+                             "ratio of neighbouring runs (paired_bench); --reps pairs per "
+                             "workload and runner pair (default 8, quick 5)")
+    parser.add_argument("--runner-pairs", type=int, default=None,
+                        help="with --paired: pairs of runners, pooled (default 3, quick 2)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="callgrind processes at once (default: one per CPU)")
     parser.add_argument("--out", default=None,
@@ -598,6 +732,14 @@ def main(argv=None):
                              "build/bench_callgrind.json)")
     args = parser.parse_args(argv)
     scale = "quick" if args.quick else "full"
+    if args.paired and args.callgrind:
+        parser.error("--paired times wall clock; --callgrind counts instructions")
+    if args.paired:
+        args.config = ["memguard"]
+        args.reps = args.reps or (5 if args.quick else 8)
+        args.runner_pairs = args.runner_pairs or (2 if args.quick else 3)
+        if args.reps < 1 or args.runner_pairs < 1:
+            parser.error("--reps and --runner-pairs must be at least 1")
     args.reps = args.reps or (3 if args.quick else 6)
     args.reps_tracemalloc = args.reps_tracemalloc or (1 if args.quick else 2)
     args.reps_peers = args.reps_peers or (1 if args.quick else 2)
@@ -633,7 +775,10 @@ def main(argv=None):
         else:
             workloads = args.workload or (QUICK_WORKLOADS if args.quick
                                           else overhead_workloads.names())
-            rows, reps, walls = timed_bench(args, workloads, configs, bench)
+            if args.paired:
+                rows, reps, walls = paired_bench(args, workloads, bench), None, None
+            else:
+                rows, reps, walls = timed_bench(args, workloads, configs, bench)
             geo = summarize(rows, configs)
             rss, rss_detail = (None, None)
             if not args.no_rss:
@@ -643,15 +788,23 @@ def main(argv=None):
                     rss_detail = {"error": f"{type(exc).__name__}: {exc}"}
                     print(f"[bench] memguard_rss_bytes: n/a ({rss_detail['error']})")
             print()
-            print("ratio to plain Python, median of " + ", ".join(
-                f"{n} runs {c}" for c, n in reps.items()) + "; plain s = median seconds of "
-                "the body cells")
+            if args.paired:
+                print(f"ratio to plain Python, median of {args.reps * args.runner_pairs} "
+                      f"neighbouring pairs' ratios ({args.runner_pairs} pairs of runners, "
+                      "--paired); plain s = median seconds of the body cells")
+            else:
+                print("ratio to plain Python, median of " + ", ".join(
+                    f"{n} runs {c}" for c, n in reps.items()) + "; plain s = median seconds "
+                    "of the body cells")
             print_table(rows, geo, configs, "plain_s", "plain s")
             if rss is not None:
                 print(f"memguard_rss_bytes: {rss:,} ({rss / MiB:+.1f} MiB after the notebook;"
                       f" {rss_detail['idle_bytes'] / MiB:+.1f} MiB right after loading)")
-            doc.update(mode=scale, unit="wall-time ratio to plain (median seconds of the "
-                       "body cells)", reps=reps, process_wall_s=walls, workloads=rows, geomean=geo,
+            unit = ("wall-time ratio to plain (median of the ratios of neighbouring runs "
+                    "in two runners side by side, after one warm-up run)" if args.paired else
+                    "wall-time ratio to plain (median seconds of the body cells)")
+            doc.update(mode=scale + ("-paired" if args.paired else ""), unit=unit,
+                       reps=reps or {"pairs": args.reps, "runner_pairs": args.runner_pairs}, process_wall_s=walls, workloads=rows, geomean=geo,
                        memguard_rss_bytes=rss, rss=rss_detail)
             doc["targets"] = targets(rows, geo, rss)
             for name, t in doc["targets"].items():
