@@ -92,7 +92,8 @@ Paired (``--paired``, ``make bench-quick``)
     reasons and the measurements behind them: paired_bench). Where separate processes
     minutes apart put the quick NumPy geomean anywhere between 0.99 and 1.12 on this
     machine, six quick paired runs on CPython 3.11, 3.12 and 3.13 (2026-12-02) put
-    small_arrays between 1.060 and 1.082; a run's geomeans still move by a few percent,
+    small_arrays between 1.060 and 1.082 (between 1.019 and 1.070 once the load imported
+    NumPy first: README); a run's geomeans still move by a few percent,
     mostly with the notebook row
     (fresh pages, 0.97 and 1.07 in two runs) and the layout of each runner pair. Every
     configuration runs exactly one cell before its workloads (``%load_ext memguard``,
