@@ -27,12 +27,7 @@ def _import_numpy_first():
     1.078-1.083 on 3.11 when loaded that way, 1.038 and 1.067 with this import first
     (bench/overhead.py's paired runners, three pairs each, 2026-12-02). Why the order
     matters is not known (the heap layout the imports leave is the likely cause). A NumPy
-    that fails to import is left to the load, which says so."""
-    import importlib.util
-    import sys
-
-    if "numpy" in sys.modules or importlib.util.find_spec("numpy") is None:
-        return
+    that is missing or fails to import is left to the load, which says so."""
     try:
         import numpy  # noqa: F401
     except Exception:  # noqa: BLE001 - reported by the load (extension._install_numpy)

@@ -259,7 +259,6 @@ class WorkerGuard:
         self.refusals_seen = 0
         self.undo = None
         self.box = None
-        self.raise_mode = mode == "raise"
         self.described = _Described()
         from dask.utils import funcname
 
@@ -360,7 +359,7 @@ class WorkerGuard:
         core.set_user_globals(globs)
         core.set_cell_file(code_name)
         core.cell_begin(cell.epoch, self.budget)
-        core.set_raise(self.raise_mode)
+        core.set_raise(self.mode == "raise")
         # The same JSON as json.dumps(fields), from the function's part kept by _Described.
         core.blackbox_set_cell(cell.epoch, -1, f"{HEADER}{func_json}, \"task\": "
                                f"{json.dumps(task)}, \"worker\": {self.address_json}}}")
