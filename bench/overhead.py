@@ -470,10 +470,14 @@ class Server:
         self.replies = os.fdopen(read_fd)
 
     def run(self, workload):
-        """Seconds of one run of ``workload``'s bodies; RuntimeError when it failed."""
-        self.proc.stdin.write(f"run {workload}\n")
-        self.proc.stdin.flush()
-        line = self.replies.readline()
+        """Seconds of one run of ``workload``'s bodies; RuntimeError when it failed (then
+        ``alive()`` tells whether the runner can still serve another workload)."""
+        try:
+            self.proc.stdin.write(f"run {workload}\n")
+            self.proc.stdin.flush()
+            line = self.replies.readline()
+        except OSError:  # the runner is gone: its stdin is a broken pipe
+            line = ""
         if not line:
             self.proc.wait(timeout=RUN_TIMEOUT)
             raise RuntimeError(failure_reason(self._stderr(), self.proc.returncode))
@@ -482,12 +486,16 @@ class Server:
             raise RuntimeError(reply["error"])
         return reply["seconds"]
 
+    def alive(self):
+        return self.proc.poll() is None
+
     def finish(self):
         """Stop the runner; its failure reason, or None when memguard (or plain) was what
         ran (check_config)."""
         try:
-            self.proc.stdin.write("quit\n")
-            self.proc.stdin.close()
+            if self.alive():
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.close()
             rc = self.proc.wait(timeout=RUN_TIMEOUT)
             if rc != 0 or not os.path.exists(self.result_file):
                 return failure_reason(self._stderr(), rc)
@@ -525,8 +533,10 @@ def paired_bench(args, workloads, bench):
     na = {}
     t_start = time.monotonic()
     for k in range(args.runner_pairs):
-        servers = {c: Server(bench, c, workloads) for c in ("plain", "memguard")}
+        servers = {}
         try:
+            for c in ("plain", "memguard"):
+                servers[c] = Server(bench, c, workloads)
             for w in workloads:
                 if w in na:
                     continue
@@ -542,7 +552,8 @@ def paired_bench(args, workloads, bench):
                 except RuntimeError as exc:
                     na[w] = str(exc)
                     print(f"[bench] {w}: n/a ({exc})", flush=True)
-                    break  # a runner that failed serves nothing more
+                    if not all(s.alive() for s in servers.values()):
+                        break  # a runner that died serves nothing more
         finally:
             why = {c: s.finish() for c, s in servers.items()}
         for c, reason in why.items():
@@ -551,9 +562,12 @@ def paired_bench(args, workloads, bench):
                     na.setdefault(w, f"{c}: {reason}")
         print(f"[bench] runner pair {k + 1}/{args.runner_pairs} done "
               f"({time.monotonic() - t_start:.0f} s)", flush=True)
+    for w in workloads:
+        if w not in na and len(ratios[w]) != args.reps * args.runner_pairs:
+            na[w] = "a runner died before this workload's pairs were done"
     rows = []
     for w in workloads:
-        done = w not in na and len(ratios[w]) == args.reps * args.runner_pairs
+        done = w not in na
         rows.append({"name": w, "group": overhead_workloads.group(w),
                      "ratio": {"memguard": statistics.median(ratios[w]) if done else None},
                      "pair_ratios": ratios[w],
