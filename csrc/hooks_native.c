@@ -476,6 +476,8 @@ static void *nat_reallocarray_r(void *ptr, size_t k, size_t n)
 
 static void nat_free(void *ptr)
 {
+    if (ptr == NULL) /* free(NULL) does nothing (C11 7.22.3.3) */
+        return;
     if (t_mg.in_hook) {
         r_free(ptr);
         return;

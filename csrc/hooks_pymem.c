@@ -82,8 +82,15 @@ static void *raw_realloc(void *ctx, void *ptr, size_t n)
 
 static void raw_free(void *ctx, void *ptr)
 {
-    const PyMemAllocatorEx *prev = raw_prev(ctx);
-    int was = mg_reentry_enter();
+    const PyMemAllocatorEx *prev;
+    int was;
+
+    /* PyMem_RawFree(NULL) does nothing (its documented contract), and NumPy calls it that
+     * way for every array without dimensions: 3 of 4 RAW frees in small_arrays (callgrind). */
+    if (ptr == NULL)
+        return;
+    prev = raw_prev(ctx);
+    was = mg_reentry_enter();
 
     mg_hooks_before_free(was, MG_DOMAIN_RAW, ptr);
     prev->free(prev->ctx, ptr);
