@@ -349,6 +349,13 @@ static inline void count_alloc(int was, void *p)
 }
 #define COUNT_ALLOC(was, p) count_alloc((was), (p))
 
+/* The same for NumPy's own calls (variant 2, the NumPy route): domain NUMPY. */
+static inline void count_alloc_np(int was, void *p)
+{
+    if (p != NULL && !was && mg_acct_enabled())
+        mg_hooks_count_alloc_at(MG_DOMAIN_NUMPY, malloc_usable_size(p), p, native_line);
+}
+
 static void *nat_malloc(size_t n)
 {
     if (t_mg.in_hook) /* nested in another memguard hook (PyMem RAW, NEP 49): a tail call */
@@ -414,7 +421,7 @@ static void *nat_calloc_r(size_t k, size_t n)
     return p;
 }
 
-static void *realloc_common(void *ptr, size_t n, int refusing)
+static void *realloc_common(void *ptr, size_t n, int refusing, mg_domain_t d)
 {
     int was = mg_reentry_enter();
     int count = mg_hooks_counting(was);
@@ -434,11 +441,11 @@ static void *realloc_common(void *ptr, size_t n, int refusing)
     if (p == NULL && n == 0 && ptr != NULL) {
         /* realloc(p, 0) freed p (glibc): count the free */
         if (count)
-            mg_hooks_free_bytes(MG_DOMAIN_NATIVE, old);
+            mg_hooks_free_bytes(d, old);
     } else if (p != NULL && count) {
         /* free(old) + alloc(new); the old block's site was settled by realloc_old */
-        mg_hooks_free_bytes(MG_DOMAIN_NATIVE, old);
-        native_count_alloc(malloc_usable_size(p), p);
+        mg_hooks_free_bytes(d, old);
+        mg_hooks_count_alloc_at(d, malloc_usable_size(p), p, native_line);
     }
     mg_reentry_leave(was);
     return p;
@@ -448,12 +455,12 @@ static void *nat_realloc(void *ptr, size_t n)
 {
     if (t_mg.in_hook)
         return r_realloc(ptr, n);
-    return realloc_common(ptr, n, 0);
+    return realloc_common(ptr, n, 0, MG_DOMAIN_NATIVE);
 }
 
 static void *nat_realloc_r(void *ptr, size_t n)
 {
-    return realloc_common(ptr, n, 1);
+    return realloc_common(ptr, n, 1, MG_DOMAIN_NATIVE);
 }
 
 static void *nat_reallocarray(void *ptr, size_t k, size_t n)
@@ -462,7 +469,7 @@ static void *nat_reallocarray(void *ptr, size_t k, size_t n)
         errno = ENOMEM;
         return NULL;
     }
-    return realloc_common(ptr, k * n, 0);
+    return realloc_common(ptr, k * n, 0, MG_DOMAIN_NATIVE);
 }
 
 static void *nat_reallocarray_r(void *ptr, size_t k, size_t n)
@@ -471,7 +478,7 @@ static void *nat_reallocarray_r(void *ptr, size_t k, size_t n)
         errno = ENOMEM;
         return NULL;
     }
-    return realloc_common(ptr, k * n, 1);
+    return realloc_common(ptr, k * n, 1, MG_DOMAIN_NATIVE);
 }
 
 static void nat_free(void *ptr)
@@ -485,6 +492,68 @@ static void nat_free(void *ptr)
     int was = mg_reentry_enter();
 
     mg_hooks_before_free(was, MG_DOMAIN_NATIVE, ptr); /* before the real free */
+    r_free(ptr);
+    mg_reentry_leave(was);
+}
+
+/* ---- NumPy's own calls (variant 2: the NumPy route, mg_native.h) -------------------------
+ * NumPy's default NEP 49 handler calls these through its object's GOT. Nested in the
+ * "memguard" handler's counting path (raise mode, or no route) they pass through, as every
+ * variant does; on the route they count the block as NumPy data. Each records in t_mg.probe
+ * that it ran, for the route's probe (mg_hooks_numpy_route). */
+
+static inline void probe_mark(unsigned bit)
+{
+    if (t_mg.probe)
+        t_mg.probe |= bit;
+}
+
+static void *nat_malloc_np(size_t n)
+{
+    if (t_mg.in_hook)
+        return r_malloc(n);
+    int was = mg_reentry_enter();
+    void *p = r_malloc(n);
+
+    probe_mark(MG_PROBE_MALLOC);
+    count_alloc_np(was, p);
+    mg_reentry_leave(was);
+    return p;
+}
+
+static void *nat_calloc_np(size_t k, size_t n)
+{
+    if (t_mg.in_hook)
+        return r_calloc(k, n);
+    int was = mg_reentry_enter();
+    void *p = r_calloc(k, n);
+
+    probe_mark(MG_PROBE_CALLOC);
+    count_alloc_np(was, p);
+    mg_reentry_leave(was);
+    return p;
+}
+
+static void *nat_realloc_np(void *ptr, size_t n)
+{
+    if (t_mg.in_hook)
+        return r_realloc(ptr, n);
+    probe_mark(MG_PROBE_REALLOC);
+    return realloc_common(ptr, n, 0, MG_DOMAIN_NUMPY);
+}
+
+static void nat_free_np(void *ptr)
+{
+    if (ptr == NULL)
+        return;
+    if (t_mg.in_hook) {
+        r_free(ptr);
+        return;
+    }
+    int was = mg_reentry_enter();
+
+    probe_mark(MG_PROBE_FREE);
+    mg_hooks_before_free(was, MG_DOMAIN_NUMPY, ptr);
     r_free(ptr);
     mg_reentry_leave(was);
 }
@@ -635,11 +704,11 @@ static void *nat_dlopen(const char *file, int flags);
  * storage: elf_patch.c keeps a pointer to it. Written by install (GIL held) before the first
  * patch; read under elf_patch.c's mutex. */
 static mg_elf_hook_t s_hooks[] = {
-    {"malloc", NULL, {(void *)nat_malloc, (void *)nat_malloc_r}},
-    {"calloc", NULL, {(void *)nat_calloc, (void *)nat_calloc_r}},
-    {"realloc", NULL, {(void *)nat_realloc, (void *)nat_realloc_r}},
+    {"malloc", NULL, {(void *)nat_malloc, (void *)nat_malloc_r, (void *)nat_malloc_np}},
+    {"calloc", NULL, {(void *)nat_calloc, (void *)nat_calloc_r, (void *)nat_calloc_np}},
+    {"realloc", NULL, {(void *)nat_realloc, (void *)nat_realloc_r, (void *)nat_realloc_np}},
     {"reallocarray", NULL, {(void *)nat_reallocarray, (void *)nat_reallocarray_r}},
-    {"free", NULL, {(void *)nat_free, NULL}},
+    {"free", NULL, {(void *)nat_free, NULL, (void *)nat_free_np}},
     {"posix_memalign", NULL, {(void *)nat_posix_memalign, (void *)nat_posix_memalign_r}},
     {"aligned_alloc", NULL, {(void *)nat_aligned_alloc, (void *)nat_aligned_alloc_r}},
     {"memalign", NULL, {(void *)nat_memalign, (void *)nat_memalign_r}},
@@ -661,8 +730,10 @@ static const char *base_name(const char *path)
 }
 
 /* Which objects get which variant (docs/design.md, "Native memory", refusals): 1 for the
- * objects whose allocation failures become Python exceptions, -1 for objects never
- * patched (sanitizer and valgrind runtimes, allocators that define malloc themselves). */
+ * objects whose allocation failures become Python exceptions, 2 for NumPy's core module
+ * (its malloc family counts as NumPy data: the NumPy route, mg_native.h), -1 for objects
+ * never patched (sanitizer and valgrind runtimes, allocators that define malloc
+ * themselves). */
 static int classify(const char *path)
 {
     const char *b = base_name(path);
@@ -677,6 +748,9 @@ static int classify(const char *path)
      * libarrow.so; torch's CPU allocator (c10::alloc_cpu, posix_memalign) in libc10.so. */
     if (strncmp(b, "libarrow.so", 11) == 0 || strncmp(b, "libc10.so", 9) == 0)
         return 1;
+    /* numpy/_core (NumPy 2) or numpy/core (NumPy 1): the default handler's home. */
+    if (strncmp(b, "_multiarray_umath.", 18) == 0)
+        return 2;
     return 0;
 }
 

@@ -10,9 +10,12 @@
 #define NPY_TARGET_VERSION NPY_1_22_API_VERSION
 #include <numpy/arrayobject.h>
 
+#include <stdatomic.h>
+
 #include "mg_acct.h"
 #include "mg_reentry.h"
 #include "mg_hooks.h"
+#include "mg_native.h"
 
 /* Copy of the handler we wrap (NumPy's default), taken before the default capsule is
  * pointed at s_handler. Written once by install (GIL held); read by the wrappers. Static
@@ -20,13 +23,29 @@
 static PyDataMem_Handler s_prev;
 /* Written once by install (GIL held); read by anyone. */
 static int s_installed = 0;
+/* 1 while the NumPy route is on (include/mg_native.h): NumPy's own malloc calls are counted
+ * by the native wrappers, so outside raise mode the wrappers below pass calls through.
+ * Written by mg_hooks_numpy_route (GIL held); read by the wrappers (relaxed: a call that
+ * sees the old value counts as before, the switch is at install and uninstall). */
+static _Atomic int s_route = 0;
 
-/* NumPy's default handler hands out malloc'd blocks (numpy/_core/src/multiarray/alloc.c),
- * so the malloc_usable_size rule of mg_hooks_after_alloc applies; it also absorbs NumPy's
- * free size drifting after a realloc (docs/design.md, NumPy NEP 49 handler). */
-static void *np_malloc(void *ctx, size_t n)
+/* Pass a call for n bytes through: the route is on, and the request is one that
+ * mg_hooks_refuse would not judge (below MG_SMALL_REQUEST, outside raise mode), so nothing
+ * but the counting, which the route does, is skipped. A free is passed with n = 0.
+ * Hook-safe. */
+static inline int routed(size_t n)
 {
-    PyDataMemAllocator *prev = ctx;
+    return atomic_load_explicit(&s_route, memory_order_relaxed) && n < MG_SMALL_REQUEST &&
+           !mg_acct_raise();
+}
+
+/* The counting path of each wrapper, out of line so that the routed pass-through stays a
+ * bare tail call (no registers saved: objdump of np_free). NumPy's default handler hands
+ * out malloc'd blocks (numpy/_core/src/multiarray/alloc.c), so the malloc_usable_size rule
+ * of mg_hooks_after_alloc applies; it also absorbs NumPy's free size drifting after a
+ * realloc (docs/design.md, NumPy NEP 49 handler). */
+static __attribute__((noinline)) void *np_malloc_counted(PyDataMemAllocator *prev, size_t n)
+{
     int was = mg_reentry_enter();
     void *p;
 
@@ -41,10 +60,31 @@ static void *np_malloc(void *ctx, size_t n)
     return p;
 }
 
+static __attribute__((noinline)) void np_free_counted(PyDataMemAllocator *prev, void *ptr,
+                                                      size_t size)
+{
+    int was = mg_reentry_enter();
+
+    mg_hooks_before_free(was, MG_DOMAIN_NUMPY, ptr);
+    prev->free(prev->ctx, ptr, size);
+    mg_reentry_leave(was);
+}
+
+static void *np_malloc(void *ctx, size_t n)
+{
+    PyDataMemAllocator *prev = ctx;
+
+    if (routed(n))
+        return prev->malloc(prev->ctx, n);
+    return np_malloc_counted(prev, n);
+}
+
 static void *np_calloc(void *ctx, size_t nelem, size_t elsize)
 {
     PyDataMemAllocator *prev = ctx;
 
+    if (routed(elsize != 0 && nelem > SIZE_MAX / elsize ? SIZE_MAX : nelem * elsize))
+        return prev->calloc(prev->ctx, nelem, elsize);
     return mg_hooks_calloc(MG_DOMAIN_NUMPY, mg_hooks_refuse, prev->calloc, prev->ctx, nelem,
                            elsize);
 }
@@ -53,17 +93,19 @@ static void *np_realloc(void *ctx, void *ptr, size_t n)
 {
     PyDataMemAllocator *prev = ctx;
 
+    if (routed(n))
+        return prev->realloc(prev->ctx, ptr, n);
     return mg_hooks_realloc(MG_DOMAIN_NUMPY, mg_hooks_refuse, prev->realloc, prev->ctx, ptr, n);
 }
 
 static void np_free(void *ctx, void *ptr, size_t size)
 {
     PyDataMemAllocator *prev = ctx;
-    int was = mg_reentry_enter();
 
-    mg_hooks_before_free(was, MG_DOMAIN_NUMPY, ptr);
-    prev->free(prev->ctx, ptr, size);
-    mg_reentry_leave(was);
+    if (routed(0))
+        prev->free(prev->ctx, ptr, size);
+    else
+        np_free_counted(prev, ptr, size);
 }
 
 static PyDataMem_Handler s_handler = {
@@ -110,4 +152,41 @@ int mg_hooks_numpy_install(void)
     if (other && PyErr_Occurred())
         return -1;
     return other;
+}
+
+/* Bytes of the probe's blocks: above the sizes NumPy's default handler serves from its
+ * cache (NBUCKETS, 1024 in numpy/_core/src/multiarray/alloc.c), so each call reaches
+ * malloc, calloc, realloc or free. */
+#define PROBE_BYTES 4096
+
+int mg_hooks_numpy_route(int on)
+{
+    const PyDataMemAllocator *a = &s_prev.allocator;
+    unsigned bits;
+    void *p;
+
+    atomic_store_explicit(&s_route, 0, memory_order_relaxed);
+    if (!on || !s_installed || !mg_native_installed())
+        return 0;
+    t_mg.probe = MG_PROBE_ARMED;
+    p = a->malloc(a->ctx, PROBE_BYTES);
+    if (p != NULL) {
+        void *q = a->realloc(a->ctx, p, 2 * PROBE_BYTES);
+
+        a->free(a->ctx, q != NULL ? q : p, q != NULL ? 2 * PROBE_BYTES : PROBE_BYTES);
+    }
+    p = a->calloc(a->ctx, 1, PROBE_BYTES);
+    if (p != NULL)
+        a->free(a->ctx, p, PROBE_BYTES);
+    bits = t_mg.probe;
+    t_mg.probe = 0;
+    if (bits != MG_PROBE_ALL)
+        return 0;
+    atomic_store_explicit(&s_route, 1, memory_order_relaxed);
+    return 1;
+}
+
+int mg_hooks_numpy_routed(void)
+{
+    return atomic_load_explicit(&s_route, memory_order_relaxed);
 }

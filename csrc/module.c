@@ -63,11 +63,13 @@ static PyObject *core_install_native(PyObject *self, PyObject *unused)
 
     if (rc < 0)
         return PyErr_SetFromErrno(PyExc_OSError);
+    (void)mg_hooks_numpy_route(1);
     return PyLong_FromLong(rc);
 }
 
 static PyObject *core_uninstall_native(PyObject *self, PyObject *unused)
 {
+    (void)mg_hooks_numpy_route(0);
     return PyLong_FromLong(mg_native_uninstall());
 }
 
@@ -98,9 +100,10 @@ static PyObject *core_native_stats(PyObject *self, PyObject *unused)
     }
     if (failed == NULL)
         return NULL;
-    return Py_BuildValue("{sisisisisKsN}", "installed", mg_native_installed(),
+    return Py_BuildValue("{sisisisisKsNsi}", "installed", mg_native_installed(),
                          "slots", st.slots, "objects", st.objects, "mappings", (int)st.mappings,
-                         "map_dropped", (unsigned long long)st.map_dropped, "failed", failed);
+                         "map_dropped", (unsigned long long)st.map_dropped, "failed", failed,
+                         "numpy_route", mg_hooks_numpy_routed());
 }
 
 static int core_parse_budget(PyObject *obj, int64_t *out)
@@ -532,7 +535,8 @@ static PyMethodDef core_methods[] = {
     {"native_stats", core_native_stats, METH_NOARGS,
      "native_stats() -> dict\n\ninstalled, slots (patched now), objects (scanned in the last "
      "pass), mappings (anonymous mappings counted), map_dropped, failed (names of objects "
-     "that could not be patched)."},
+     "that could not be patched), numpy_route (1 when NumPy's own malloc calls are counted "
+     "as NumPy data and its NEP 49 handler passes calls through outside raise mode)."},
     {"cell_begin", core_cell_begin, METH_VARARGS,
      "cell_begin(epoch: int, budget: int) -> None\n\nStart a cell: epoch > 0, budget in "
      "bytes (0 = none). Usage is measured from the tracked bytes at this moment."},

@@ -4,4 +4,4 @@
 #include "mg_reentry.h"
 
 /* Written and read only by the owning thread (no atomics needed). */
-MG_TLS mg_thread_t t_mg = {0, 0, {0}};
+MG_TLS mg_thread_t t_mg = {0, 0, 0, {0}};

@@ -41,7 +41,8 @@
 typedef enum mg_domain {
     MG_DOMAIN_RAW = 0,   /* PyMem RAW domain (malloc-backed; pymalloc's > 512 B blocks) */
     MG_DOMAIN_ARENA = 1, /* pymalloc arenas (1 MiB in CPython 3.11; 256 KiB before 3.10) */
-    MG_DOMAIN_NUMPY = 2, /* NumPy array data, through the NEP 49 handler "memguard" */
+    MG_DOMAIN_NUMPY = 2, /* NumPy array data: the NEP 49 handler "memguard", or NumPy's own
+                          * malloc calls (mg_native.h, the NumPy route) */
     MG_DOMAIN_NATIVE = 3, /* native code's malloc family and anonymous mmap (hooks_native.c) */
     MG_DOMAIN_COUNT = 4
 } mg_domain_t;

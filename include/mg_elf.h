@@ -8,9 +8,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* Replacement variants per symbol: 0 counts, 1 counts and may refuse (objects whose callers
- * turn NULL into an exception). */
-#define MG_ELF_VARIANTS 2
+/* Replacement variants per symbol, chosen per object by the caller's classify function
+ * (csrc/hooks_native.c: 0 counts, 1 counts and may refuse, 2 counts as NumPy data). */
+#define MG_ELF_VARIANTS 3
 /* Symbols one patch set may name. */
 #define MG_ELF_MAX_HOOKS 24
 /* GOT slots the table can remember (patched and not yet restored). */

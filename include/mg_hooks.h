@@ -157,4 +157,15 @@ int mg_hooks_pymem_uninstall(void);
  * held. */
 int mg_hooks_numpy_install(void);
 
+/* Turn the NumPy route (include/mg_native.h) on or off. On: only when the handler is
+ * installed and the native wrappers are, and when a probe through the handler memguard wraps
+ * (malloc, realloc, free and calloc of 4 KiB, past NumPy's cache) reached the variant-2
+ * wrapper of each of the four; the probe's blocks are counted and freed. Off (on = 0):
+ * before the native wrappers are removed, so that NumPy's calls are counted by the
+ * handler again. Returns 1 when the route is on. GIL held. */
+int mg_hooks_numpy_route(int on);
+
+/* 1 while the NumPy route is on. Any thread (relaxed). */
+int mg_hooks_numpy_routed(void);
+
 #endif /* MEMGUARD_MG_HOOKS_H */

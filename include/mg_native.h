@@ -29,6 +29,26 @@ int mg_native_uninstall(void);
  * being settled elsewhere are skipped). */
 void mg_native_settle(void);
 
+/* The NumPy route. NumPy's default NEP 49 handler (default_malloc and friends in
+ * numpy/_core/src/multiarray/alloc.c) keeps freed blocks under 1024 bytes in a cache of its
+ * own and calls malloc, calloc, realloc and free for everything else. The GOT slots of
+ * NumPy's core module (_multiarray_umath) get variant 2 of those four wrappers, which count
+ * into MG_DOMAIN_NUMPY. Once a probe showed that NumPy's handler reaches them
+ * (mg_hooks_numpy_route), the "memguard" handler passes NumPy's calls through and these
+ * count what NumPy takes from and gives back to malloc; a block in NumPy's cache counts
+ * as NumPy's, which it is for RSS. Then a small array costs no hook at all when NumPy's
+ * cache serves it (small_arrays, bench/overhead.py --callgrind). A request the handler
+ * judges (raise mode, or MG_SMALL_REQUEST bytes and more: mg_hooks_refuse) is counted by
+ * the handler itself, as without the route, and these pass it through, nested. Bits a
+ * variant-2 wrapper sets in t_mg.probe while the probe has it armed: */
+#define MG_PROBE_ARMED 1u
+#define MG_PROBE_MALLOC 2u
+#define MG_PROBE_CALLOC 4u
+#define MG_PROBE_REALLOC 8u
+#define MG_PROBE_FREE 16u
+#define MG_PROBE_ALL (MG_PROBE_ARMED | MG_PROBE_MALLOC | MG_PROBE_CALLOC | MG_PROBE_REALLOC | \
+                      MG_PROBE_FREE)
+
 /* Non-zero between install and uninstall. Any thread (relaxed). */
 int mg_native_installed(void);
 

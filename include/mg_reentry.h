@@ -10,6 +10,7 @@
  * np_malloc). Written and read only by its own thread, so it needs no atomics. */
 typedef struct mg_thread {
     int in_hook;                    /* non-zero while inside a memguard hook (below) */
+    unsigned probe;                 /* the NumPy route probe's bits (mg_native.h) */
     int64_t batch_room;             /* the small-block batches' room (include/mg_batch.h) */
     int64_t batch[MG_DOMAIN_COUNT]; /* the batched bytes per domain (include/mg_batch.h) */
 } mg_thread_t;

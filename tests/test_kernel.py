@@ -1,5 +1,6 @@
 """memguard in a real ipykernel: loading, budgets, sparse_to_dense, alert routing."""
 
+import json
 import time
 
 import pytest
@@ -169,6 +170,39 @@ def test_numpy_allocations_from_a_thread_count_toward_the_cell(kernel):
         "t.start(); t.join()\n")
     alerts = ex.alerts_of("budget")
     assert alerts and alerts[0][2]["peak"] >= 320_000_000
+
+
+# 100,000 arrays of 64 float64 (512 bytes: a size NumPy's default handler caches when
+# freed), kept and then dropped, with the NumPy domain read before, between and after.
+SMALL_ARRAYS = (
+    "import json, memguard, numpy as np\n"
+    "def numpy_bytes():\n"
+    "    return memguard._core.snapshot()['numpy']\n"
+    "route = memguard._core.native_stats()['numpy_route']\n"
+    "s0 = numpy_bytes()\n"
+    "keep = [np.ones(64) for _ in range(100_000)]\n"
+    "s1 = numpy_bytes()\n"
+    "del keep\n"
+    "s2 = numpy_bytes()\n"
+    "print('SMALL', json.dumps([route, s1 - s0, s2 - s0]))\n")
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_small_arrays_are_counted_as_numpy_data_with_and_without_the_route(native):
+    """With the native hooks NumPy's own malloc calls are counted (the NumPy route, docs/
+    design.md) and the handler passes small requests through; without them the handler
+    counts. Either way kept small arrays are NumPy data, and dropping them gives it back,
+    up to the blocks NumPy's cache keeps (7 of a size)."""
+    k = Kernel(env={"MEMGUARD_NATIVE": native})
+    try:
+        k.execute("%load_ext memguard")
+        ex = k.execute(SMALL_ARRAYS)
+        route, grown, left = json.loads(ex.stdout.split("SMALL ", 1)[1].splitlines()[0])
+    finally:
+        k.shutdown()
+    assert route == (native == "1")
+    assert 100_000 * 512 <= grown <= 100_000 * 600, grown
+    assert 0 <= left <= 7 * 600, left
 
 
 @pytest.mark.parametrize("bad", ["budget -5MB", "budget abc", "budget", "budget 0.1", "budget 1e30",
