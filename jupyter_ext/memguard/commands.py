@@ -80,8 +80,7 @@ def status_rows():
         ("untracked", f"{format_size(gap)} (RSS - baseline - tracked: native code, threads "
                       f"outside Python's allocators, allocator free lists)"),
         ("last cell peak", f"{format_size(last['peak'])} (cell {last['cell']})" if last else "n/a"),
-        ("NumPy arrays", "counted (NEP 49 handler 'memguard')" if STATE.numpy_counted
-         else "not counted"),
+        ("NumPy arrays", _numpy_row(core)),
         ("native memory", _native_row(core)),
         ("attribution", f"blocks >= {format_size(sites.threshold)}; accumulation at "
                         f">= {sites.min_count} live blocks and >= "
@@ -92,6 +91,17 @@ def status_rows():
     ]
     rows += [("note", note) for note in STATE.notes]
     return rows
+
+
+def _numpy_row(core):
+    """How NumPy data is counted: by the NEP 49 handler, and with the NumPy route
+    (docs/design.md) at NumPy's own malloc calls, the handler then judging only raise
+    mode's and large requests."""
+    if not STATE.numpy_counted:
+        return "not counted"
+    if core.native_stats().get("numpy_route"):
+        return "counted (NEP 49 handler 'memguard', blocks at NumPy's own malloc calls)"
+    return "counted (NEP 49 handler 'memguard')"
 
 
 def _native_row(core):
