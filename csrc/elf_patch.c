@@ -147,8 +147,8 @@ static void patch_entry(pass_t *p, const object_t *o, int variant, uintptr_t *sl
     uintptr_t cur = __atomic_load_n(slot, __ATOMIC_ACQUIRE);
     uintptr_t w = (uintptr_t)(hk->wrapper[variant] ? hk->wrapper[variant] : hk->wrapper[0]);
 
-    if (hk->real == NULL || is_wrapper(hk, cur))
-        return; /* this libc lacks the symbol, or patched already */
+    if (hk->real == NULL || w == 0 || is_wrapper(hk, cur))
+        return; /* this libc lacks the symbol, no wrapper for this variant, or patched */
     /* Bound to the definition we call through, or not bound yet (a lazy PLT stub inside the
      * object, which would bind to that same definition). Anything else is another
      * definition of the symbol (an allocator linked into the process some other way):

@@ -55,6 +55,13 @@ static mmap_fn r_mmap;
 static munmap_fn r_munmap;
 static mremap_fn r_mremap;
 static dlopen_fn r_dlopen;
+/* CPython's PyMem RAW functions, which NumPy's default handler calls from NumPy 2.5 on
+ * (numpy/_core/src/multiarray/alloc.c); same rules. They reach memguard's RAW wrapper
+ * (csrc/hooks_pymem.c), nested. */
+static malloc_fn r_raw_malloc;
+static calloc_fn r_raw_calloc;
+static realloc_fn r_raw_realloc;
+static free_fn r_raw_free;
 
 /* Written by install/uninstall (release, GIL held); read by the dlopen wrapper (acquire). */
 static _Atomic int s_installed = 0;
@@ -558,6 +565,67 @@ static void nat_free_np(void *ptr)
     mg_reentry_leave(was);
 }
 
+/* The same for NumPy's calls of CPython's PyMem RAW functions (NumPy 2.5 and later). The
+ * RAW wrapper and the malloc wrappers below them see the reentrancy flag and pass through. */
+static void *raw_malloc_np(size_t n)
+{
+    if (t_mg.in_hook)
+        return r_raw_malloc(n);
+    int was = mg_reentry_enter();
+    void *p = r_raw_malloc(n);
+
+    probe_mark(MG_PROBE_MALLOC);
+    count_alloc_np(was, p);
+    mg_reentry_leave(was);
+    return p;
+}
+
+static void *raw_calloc_np(size_t k, size_t n)
+{
+    if (t_mg.in_hook)
+        return r_raw_calloc(k, n);
+    int was = mg_reentry_enter();
+    void *p = r_raw_calloc(k, n);
+
+    probe_mark(MG_PROBE_CALLOC);
+    count_alloc_np(was, p);
+    mg_reentry_leave(was);
+    return p;
+}
+
+static void *raw_realloc_np(void *ptr, size_t n)
+{
+    if (t_mg.in_hook)
+        return r_raw_realloc(ptr, n);
+    int was = mg_reentry_enter();
+    int count = mg_hooks_counting(was);
+    size_t old = mg_hooks_realloc_old(count, ptr);
+    void *p = r_raw_realloc(ptr, n);
+
+    probe_mark(MG_PROBE_REALLOC);
+    /* PyMem_RawRealloc(p, 0) returns a block (never frees without one): the rule of
+     * mg_hooks_after_realloc applies as it is. */
+    mg_hooks_after_realloc(count, MG_DOMAIN_NUMPY, old, p);
+    mg_reentry_leave(was);
+    return p;
+}
+
+static void raw_free_np(void *ptr)
+{
+    if (ptr == NULL)
+        return;
+    if (t_mg.in_hook) {
+        r_raw_free(ptr);
+        return;
+    }
+    int was = mg_reentry_enter();
+
+    probe_mark(MG_PROBE_FREE);
+    mg_hooks_before_free(was, MG_DOMAIN_NUMPY, ptr);
+    r_raw_free(ptr);
+    mg_reentry_leave(was);
+}
+
 static int memalign_common(void **out, size_t align, size_t n, int refusing)
 {
     int was = mg_reentry_enter();
@@ -719,6 +787,11 @@ static mg_elf_hook_t s_hooks[] = {
     {"munmap", NULL, {(void *)nat_munmap, NULL}},
     {"mremap", NULL, {(void *)nat_mremap, NULL}},
     {"dlopen", NULL, {(void *)nat_dlopen, NULL}},
+    /* Only in NumPy's core module (variant 2): elsewhere a RAW call is the RAW hook's. */
+    {"PyMem_RawMalloc", NULL, {NULL, NULL, (void *)raw_malloc_np}},
+    {"PyMem_RawCalloc", NULL, {NULL, NULL, (void *)raw_calloc_np}},
+    {"PyMem_RawRealloc", NULL, {NULL, NULL, (void *)raw_realloc_np}},
+    {"PyMem_RawFree", NULL, {NULL, NULL, (void *)raw_free_np}},
 };
 static const int s_nhooks = (int)(sizeof(s_hooks) / sizeof(s_hooks[0]));
 
@@ -758,7 +831,6 @@ static void *resolve(const char *name)
 {
     return dlsym(RTLD_DEFAULT, name);
 }
-
 /* ---- dlopen ---------------------------------------------------------------------------- */
 
 /* glibc's dlopen searches the caller's DT_RUNPATH (found from its return address), and our
@@ -869,6 +941,22 @@ int mg_native_install(void)
         s_hooks[12].real = (void *)r_munmap;
         s_hooks[13].real = (void *)r_mremap;
         s_hooks[14].real = (void *)r_dlopen;
+        /* Absent outside a Python process (the C tests): those slots are never patched. */
+        r_raw_malloc = (malloc_fn)resolve("PyMem_RawMalloc");
+        r_raw_calloc = (calloc_fn)resolve("PyMem_RawCalloc");
+        r_raw_realloc = (realloc_fn)resolve("PyMem_RawRealloc");
+        r_raw_free = (free_fn)resolve("PyMem_RawFree");
+        if (r_raw_malloc == NULL || r_raw_calloc == NULL || r_raw_realloc == NULL ||
+            r_raw_free == NULL) {
+            r_raw_malloc = NULL;
+            r_raw_calloc = NULL;
+            r_raw_realloc = NULL;
+            r_raw_free = NULL;
+        }
+        s_hooks[15].real = (void *)r_raw_malloc;
+        s_hooks[16].real = (void *)r_raw_calloc;
+        s_hooks[17].real = (void *)r_raw_realloc;
+        s_hooks[18].real = (void *)r_raw_free;
     }
     /* A symbol this libc lacks (NULL real) is never bound in any slot, so never patched. */
     if (!atomic_load_explicit(&s_installed, memory_order_relaxed))

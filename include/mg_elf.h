@@ -22,7 +22,8 @@
 typedef struct mg_elf_hook {
     const char *name;                 /* the imported symbol, e.g. "malloc" */
     void *real;                       /* its definition in the global scope (dlsym) */
-    void *wrapper[MG_ELF_VARIANTS];   /* what a slot of variant v gets; NULL: variant 0's */
+    void *wrapper[MG_ELF_VARIANTS];   /* what a slot of variant v gets; NULL: variant 0's,
+                                       * and none (the slot is left alone) if that is NULL */
 } mg_elf_hook_t;
 
 /* Which variant an object's slots get: -1 skips the object (never patched), else 0 ..

@@ -31,9 +31,10 @@ void mg_native_settle(void);
 
 /* The NumPy route. NumPy's default NEP 49 handler (default_malloc and friends in
  * numpy/_core/src/multiarray/alloc.c) keeps freed blocks under 1024 bytes in a cache of its
- * own and calls malloc, calloc, realloc and free for everything else. The GOT slots of
- * NumPy's core module (_multiarray_umath) get variant 2 of those four wrappers, which count
- * into MG_DOMAIN_NUMPY. Once a probe showed that NumPy's handler reaches them
+ * own and calls malloc, calloc, realloc and free for everything else (NumPy 2.5 and later:
+ * CPython's PyMem_RawMalloc, PyMem_RawCalloc, PyMem_RawRealloc and PyMem_RawFree). The GOT
+ * slots of those eight in NumPy's core module (_multiarray_umath) get variant 2 of
+ * memguard's wrappers, which count into MG_DOMAIN_NUMPY. Once a probe showed that NumPy's handler reaches them
  * (mg_hooks_numpy_route), the "memguard" handler passes NumPy's calls through and these
  * count what NumPy takes from and gives back to malloc; a block in NumPy's cache counts
  * as NumPy's, which it is for RSS. Then a small array costs no hook at all when NumPy's
