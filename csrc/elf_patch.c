@@ -153,7 +153,8 @@ static void patch_entry(pass_t *p, const object_t *o, int variant, uintptr_t *sl
      * object, which would bind to that same definition). Anything else is another
      * definition of the symbol (an allocator linked into the process some other way):
      * calling ours instead would mix allocators, so the object is named, not patched. */
-    if (cur != (uintptr_t)hk->real && !(cur >= o->lo && cur < o->hi)) {
+    if (cur != (uintptr_t)hk->real && !(hk->alias != NULL && cur == (uintptr_t)hk->alias) &&
+        !(cur >= o->lo && cur < o->hi)) {
         note_failed(o->name);
         return;
     }
@@ -210,7 +211,9 @@ static void restore_object(pass_t *p, const object_t *o)
         if (__atomic_load_n(e->slot, __ATOMIC_ACQUIRE) != e->replacement)
             continue; /* someone else rewrote it since: leave theirs */
         back = e->original;
-        if (back != (uintptr_t)s_hooks[e->hook].real && !(back >= o->lo && back < o->hi))
+        if (back != (uintptr_t)s_hooks[e->hook].real &&
+            !(s_hooks[e->hook].alias != NULL && back == (uintptr_t)s_hooks[e->hook].alias) &&
+            !(back >= o->lo && back < o->hi))
             back = (uintptr_t)s_hooks[e->hook].real;
         if (write_slot(o, e->slot, back) == 0)
             p->patched++;

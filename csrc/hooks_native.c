@@ -772,26 +772,26 @@ static void *nat_dlopen(const char *file, int flags);
  * storage: elf_patch.c keeps a pointer to it. Written by install (GIL held) before the first
  * patch; read under elf_patch.c's mutex. */
 static mg_elf_hook_t s_hooks[] = {
-    {"malloc", NULL, {(void *)nat_malloc, (void *)nat_malloc_r, (void *)nat_malloc_np}},
-    {"calloc", NULL, {(void *)nat_calloc, (void *)nat_calloc_r, (void *)nat_calloc_np}},
-    {"realloc", NULL, {(void *)nat_realloc, (void *)nat_realloc_r, (void *)nat_realloc_np}},
-    {"reallocarray", NULL, {(void *)nat_reallocarray, (void *)nat_reallocarray_r}},
-    {"free", NULL, {(void *)nat_free, NULL, (void *)nat_free_np}},
-    {"posix_memalign", NULL, {(void *)nat_posix_memalign, (void *)nat_posix_memalign_r}},
-    {"aligned_alloc", NULL, {(void *)nat_aligned_alloc, (void *)nat_aligned_alloc_r}},
-    {"memalign", NULL, {(void *)nat_memalign, (void *)nat_memalign_r}},
-    {"valloc", NULL, {(void *)nat_valloc, (void *)nat_valloc_r}},
-    {"pvalloc", NULL, {(void *)nat_pvalloc, (void *)nat_pvalloc_r}},
-    {"mmap", NULL, {(void *)nat_mmap, (void *)nat_mmap_r}},
-    {"mmap64", NULL, {(void *)nat_mmap, (void *)nat_mmap_r}},
-    {"munmap", NULL, {(void *)nat_munmap, NULL}},
-    {"mremap", NULL, {(void *)nat_mremap, NULL}},
-    {"dlopen", NULL, {(void *)nat_dlopen, NULL}},
+    {"malloc", NULL, {(void *)nat_malloc, (void *)nat_malloc_r, (void *)nat_malloc_np}, NULL},
+    {"calloc", NULL, {(void *)nat_calloc, (void *)nat_calloc_r, (void *)nat_calloc_np}, NULL},
+    {"realloc", NULL, {(void *)nat_realloc, (void *)nat_realloc_r, (void *)nat_realloc_np}, NULL},
+    {"reallocarray", NULL, {(void *)nat_reallocarray, (void *)nat_reallocarray_r}, NULL},
+    {"free", NULL, {(void *)nat_free, NULL, (void *)nat_free_np}, NULL},
+    {"posix_memalign", NULL, {(void *)nat_posix_memalign, (void *)nat_posix_memalign_r}, NULL},
+    {"aligned_alloc", NULL, {(void *)nat_aligned_alloc, (void *)nat_aligned_alloc_r}, NULL},
+    {"memalign", NULL, {(void *)nat_memalign, (void *)nat_memalign_r}, NULL},
+    {"valloc", NULL, {(void *)nat_valloc, (void *)nat_valloc_r}, NULL},
+    {"pvalloc", NULL, {(void *)nat_pvalloc, (void *)nat_pvalloc_r}, NULL},
+    {"mmap", NULL, {(void *)nat_mmap, (void *)nat_mmap_r}, NULL},
+    {"mmap64", NULL, {(void *)nat_mmap, (void *)nat_mmap_r}, NULL},
+    {"munmap", NULL, {(void *)nat_munmap, NULL}, NULL},
+    {"mremap", NULL, {(void *)nat_mremap, NULL}, NULL},
+    {"dlopen", NULL, {(void *)nat_dlopen, NULL}, NULL},
     /* Only in NumPy's core module (variant 2): elsewhere a RAW call is the RAW hook's. */
-    {"PyMem_RawMalloc", NULL, {NULL, NULL, (void *)raw_malloc_np}},
-    {"PyMem_RawCalloc", NULL, {NULL, NULL, (void *)raw_calloc_np}},
-    {"PyMem_RawRealloc", NULL, {NULL, NULL, (void *)raw_realloc_np}},
-    {"PyMem_RawFree", NULL, {NULL, NULL, (void *)raw_free_np}},
+    {"PyMem_RawMalloc", NULL, {NULL, NULL, (void *)raw_malloc_np}, NULL},
+    {"PyMem_RawCalloc", NULL, {NULL, NULL, (void *)raw_calloc_np}, NULL},
+    {"PyMem_RawRealloc", NULL, {NULL, NULL, (void *)raw_realloc_np}, NULL},
+    {"PyMem_RawFree", NULL, {NULL, NULL, (void *)raw_free_np}, NULL},
 };
 static const int s_nhooks = (int)(sizeof(s_hooks) / sizeof(s_hooks[0]));
 
@@ -827,10 +827,46 @@ static int classify(const char *path)
     return 0;
 }
 
+/* The definition of `name` that calls bind to, and in *alias the canonical PLT entry that
+ * stands for it when the program is not position-independent (include/mg_elf.h), else NULL.
+ * dlsym(RTLD_DEFAULT) gives that entry there: an undefined symbol of the program with a
+ * value. The definition is then the first one in the objects after the program, in load
+ * order (as the dynamic linker searches; an LD_PRELOAD allocator comes first). Calling the
+ * entry instead would loop once the program's own slot is patched. */
+static void *resolve_def(const char *name, void **alias)
+{
+    void *d = dlsym(RTLD_DEFAULT, name);
+    const ElfW(Sym) *sym = NULL;
+    struct link_map *lm = NULL;
+    Dl_info info;
+
+    *alias = NULL;
+    if (d == NULL || !dladdr1(d, &info, (void **)&sym, RTLD_DL_SYMENT) || sym == NULL ||
+        sym->st_shndx != SHN_UNDEF || !dladdr1(d, &info, (void **)&lm, RTLD_DL_LINKMAP) ||
+        lm == NULL)
+        return d;
+    for (struct link_map *m = lm->l_next; m != NULL; m = m->l_next) {
+        struct link_map *owner = NULL;
+        void *h = m->l_name[0] ? dlopen(m->l_name, RTLD_LAZY | RTLD_NOLOAD) : NULL;
+        void *a = h ? dlsym(h, name) : NULL;
+
+        if (h != NULL)
+            dlclose(h);
+        if (a != NULL && dladdr1(a, &info, (void **)&owner, RTLD_DL_LINKMAP) && owner == m) {
+            *alias = d;
+            return a;
+        }
+    }
+    return d;
+}
+
 static void *resolve(const char *name)
 {
-    return dlsym(RTLD_DEFAULT, name);
+    void *alias;
+
+    return resolve_def(name, &alias);
 }
+
 /* ---- dlopen ---------------------------------------------------------------------------- */
 
 /* glibc's dlopen searches the caller's DT_RUNPATH (found from its return address), and our
@@ -957,6 +993,13 @@ int mg_native_install(void)
         s_hooks[16].real = (void *)r_raw_calloc;
         s_hooks[17].real = (void *)r_raw_realloc;
         s_hooks[18].real = (void *)r_raw_free;
+        for (int i = 0; i < s_nhooks; i++) {
+            void *alias = NULL;
+
+            if (s_hooks[i].real != NULL)
+                (void)resolve_def(s_hooks[i].name, &alias);
+            s_hooks[i].alias = alias;
+        }
     }
     /* A symbol this libc lacks (NULL real) is never bound in any slot, so never patched. */
     if (!atomic_load_explicit(&s_installed, memory_order_relaxed))

@@ -24,7 +24,15 @@ typedef struct mg_elf_hook {
     void *real;                       /* its definition in the global scope (dlsym) */
     void *wrapper[MG_ELF_VARIANTS];   /* what a slot of variant v gets; NULL: variant 0's,
                                        * and none (the slot is left alone) if that is NULL */
+    void *alias;                      /* another address of the same definition, or NULL:
+                                       * the canonical PLT entry of a program that is not
+                                       * position-independent (below) */
 } mg_elf_hook_t;
+/* A program linked as ET_EXEC (not PIE) that takes a function's address gets a canonical
+ * PLT entry for it: dlsym(RTLD_DEFAULT) and every GLOB_DAT slot give that entry, while
+ * JUMP_SLOT slots hold the definition (Debian's /usr/bin/python3.11, measured 2026-12-02:
+ * dlsym gave 0x41f610 for malloc, libc's is elsewhere). A slot holding either is patched,
+ * and put back to what it held. */
 
 /* Which variant an object's slots get: -1 skips the object (never patched), else 0 ..
  * MG_ELF_VARIANTS-1. path is dl_iterate_phdr's dlpi_name ("" for the main program). */

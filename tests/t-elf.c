@@ -29,8 +29,8 @@ static void w_free(void *p)
 }
 
 static mg_elf_hook_t s_hooks[2] = {
-    {"malloc", NULL, {(void *)w_malloc, NULL}},
-    {"free", NULL, {(void *)w_free, NULL}},
+    {"malloc", NULL, {(void *)w_malloc, NULL}, NULL},
+    {"free", NULL, {(void *)w_free, NULL}, NULL},
 };
 
 /* Sanitizer runtimes define malloc themselves: never patched (as csrc/hooks_native.c). */
@@ -188,7 +188,7 @@ static void *other_malloc(size_t n)
 
 static void t_slot_bound_elsewhere_is_named_not_patched(void)
 {
-    mg_elf_hook_t wrong[1] = {{"malloc", (void *)other_malloc, {(void *)w_malloc, NULL}}};
+    mg_elf_hook_t wrong[1] = {{"malloc", (void *)other_malloc, {(void *)w_malloc, NULL}, NULL}};
     const char *names[MG_ELF_MAX_FAILED];
     int n, named = 0, patched;
     long before;
@@ -208,6 +208,33 @@ static void t_slot_bound_elsewhere_is_named_not_patched(void)
     mg_elf_reset();
 }
 
+/* A slot holding the hook's alias (what a program that is not position-independent hands
+ * out for the definition: include/mg_elf.h) is patched like one holding the definition,
+ * and put back to the alias. Here the alias is malloc's definition and the "definition"
+ * another function, so every bound slot holds the alias. */
+static void t_slot_holding_the_alias_is_patched_and_put_back(void)
+{
+    mg_elf_hook_t aliased[1] = {
+        {"malloc", (void *)other_malloc, {(void *)w_malloc, NULL}, (void *)real_malloc}};
+    const char *names[MG_ELF_MAX_FAILED];
+    long before;
+    int patched;
+
+    mg_elf_reset();
+    check_int(zlib_roundtrip(s_zlib), ==, 0); /* libz's slot is bound now, not lazy */
+    patched = mg_elf_patch(aliased, 1, classify, (const void *)one_alloc);
+    check_int(patched, >=, 1);
+    check_int(mg_elf_failed(names, MG_ELF_MAX_FAILED), ==, 0);
+    before = atomic_load(&s_mallocs);
+    check_int(zlib_roundtrip(s_zlib), ==, 0);
+    check_int(atomic_load(&s_mallocs), >, before);
+    check_int(mg_elf_unpatch(), ==, patched);
+    before = atomic_load(&s_mallocs);
+    check_int(zlib_roundtrip(s_zlib), ==, 0);
+    check_int(atomic_load(&s_mallocs), ==, before);
+    mg_elf_reset();
+}
+
 static void t_bad_hook_list(void)
 {
     check_int(mg_elf_patch(s_hooks, 0, classify, NULL), ==, -1);
@@ -222,7 +249,7 @@ int main(void)
         test_skip_all("libz.so.1 cannot be opened");
     dlclose(probe);
     setup();
-    plan(6);
+    plan(7);
     /* First, while libz is not loaded: it is the object loaded later. */
     TEST(t_object_loaded_later_is_patched(), "an object loaded later is patched on the next pass; dlclose then unpatch is safe");
     s_zlib = dlopen("libz.so.1", RTLD_NOW | RTLD_LOCAL);
@@ -230,6 +257,7 @@ int main(void)
     TEST(t_self_is_never_patched(), "the object holding `self` is skipped");
     TEST(t_patch_while_threads_call(), "10 patch/unpatch cycles while 3 threads call malloc/free through the slots");
     TEST(t_slot_bound_elsewhere_is_named_not_patched(), "a slot bound to another definition is not patched and its object is named");
+    TEST(t_slot_holding_the_alias_is_patched_and_put_back(), "a slot holding the alias (a non-PIE program's canonical PLT entry) is patched and put back");
     TEST(t_bad_hook_list(), "an empty hook list is refused");
     dlclose(s_zlib);
     return test_done();

@@ -179,7 +179,7 @@ SMALL_ARRAYS = (
     "def numpy_bytes():\n"
     "    return memguard._core.snapshot()['numpy']\n"
     "stats = memguard._core.native_stats()\n"
-    "route = [stats['numpy_route'], any('_multiarray_umath' in f for f in stats['failed'])]\n"
+    "route = [stats['numpy_route'], stats['failed']]\n"
     "s0 = numpy_bytes()\n"
     "keep = [np.ones(64) for _ in range(100_000)]\n"
     "s1 = numpy_bytes()\n"
@@ -193,8 +193,9 @@ def test_small_arrays_are_counted_as_numpy_data_with_and_without_the_route(nativ
     """With the native hooks NumPy's own malloc calls are counted (the NumPy route, docs/
     design.md) and the handler passes small requests through; without them the handler
     counts. Either way kept small arrays are NumPy data, and dropping them gives it back,
-    up to the blocks NumPy's cache keeps (7 of a size). The route is on wherever NumPy's
-    core module could be patched."""
+    up to the blocks NumPy's cache keeps (7 of a size). Every loaded object is patched,
+    on Debian's /usr/bin/python3.11 too, whose executable is not position-independent
+    (include/mg_elf.h: its canonical PLT entries)."""
     k = Kernel(env={"MEMGUARD_NATIVE": native})
     try:
         k.execute("%load_ext memguard")
@@ -202,8 +203,8 @@ def test_small_arrays_are_counted_as_numpy_data_with_and_without_the_route(nativ
         route, grown, left = json.loads(ex.stdout.split("SMALL ", 1)[1].splitlines()[0])
     finally:
         k.shutdown()
-    routed, numpy_not_patched = route
-    assert routed == (native == "1" and not numpy_not_patched), route
+    routed, not_patched = route
+    assert not_patched == [] and routed == (native == "1"), route
     assert 100_000 * 512 <= grown <= 100_000 * 600, grown
     assert 0 <= left <= 7 * 600, left
 
