@@ -223,8 +223,38 @@ def server():
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        _stop_leftovers(tmp)
         log.close()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _stop_leftovers(tmp):
+    """Stop the kernels the server left running: every process whose command line names
+    the server's folder (a kernel's connection file is in its runtime directory), and their
+    children. jupyter_client's shutdown_all raises InvalidStateError while a restarted
+    kernel is still starting (multikernelmanager.py, ``km.ready.exception()`` on a pending
+    future) and then leaves every kernel running: the launcher test's kernel was still
+    running an hour after a run, 2026-12-02."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(str(tmp) in part for part in p.info["cmdline"] or ()):
+                found += [p] + p.children(recursive=True)
+        except psutil.Error:
+            continue
+    for p in found:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _gone, alive = psutil.wait_procs(found, timeout=10)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
 
 
 @pytest.fixture(scope="module")
