@@ -515,12 +515,13 @@ static inline void probe_mark(unsigned bit)
         t_mg.probe |= bit;
 }
 
-static void *nat_malloc_np(size_t n)
+/* The shared bodies: fn is the real function (the C library's, or CPython's RAW one). */
+static inline void *np_alloc(malloc_fn fn, size_t n)
 {
     if (t_mg.in_hook)
-        return r_malloc(n);
+        return fn(n);
     int was = mg_reentry_enter();
-    void *p = r_malloc(n);
+    void *p = fn(n);
 
     probe_mark(MG_PROBE_MALLOC);
     count_alloc_np(was, p);
@@ -528,18 +529,38 @@ static void *nat_malloc_np(size_t n)
     return p;
 }
 
-static void *nat_calloc_np(size_t k, size_t n)
+static inline void *np_zalloc(calloc_fn fn, size_t k, size_t n)
 {
     if (t_mg.in_hook)
-        return r_calloc(k, n);
+        return fn(k, n);
     int was = mg_reentry_enter();
-    void *p = r_calloc(k, n);
+    void *p = fn(k, n);
 
     probe_mark(MG_PROBE_CALLOC);
     count_alloc_np(was, p);
     mg_reentry_leave(was);
     return p;
 }
+
+static inline void np_release(free_fn fn, void *ptr)
+{
+    if (ptr == NULL)
+        return;
+    if (t_mg.in_hook) {
+        fn(ptr);
+        return;
+    }
+    int was = mg_reentry_enter();
+
+    probe_mark(MG_PROBE_FREE);
+    mg_hooks_before_free(was, MG_DOMAIN_NUMPY, ptr);
+    fn(ptr);
+    mg_reentry_leave(was);
+}
+
+static void *nat_malloc_np(size_t n) { return np_alloc(r_malloc, n); }
+static void *nat_calloc_np(size_t k, size_t n) { return np_zalloc(r_calloc, k, n); }
+static void nat_free_np(void *ptr) { np_release(r_free, ptr); }
 
 static void *nat_realloc_np(void *ptr, size_t n)
 {
@@ -549,49 +570,10 @@ static void *nat_realloc_np(void *ptr, size_t n)
     return realloc_common(ptr, n, 0, MG_DOMAIN_NUMPY);
 }
 
-static void nat_free_np(void *ptr)
-{
-    if (ptr == NULL)
-        return;
-    if (t_mg.in_hook) {
-        r_free(ptr);
-        return;
-    }
-    int was = mg_reentry_enter();
-
-    probe_mark(MG_PROBE_FREE);
-    mg_hooks_before_free(was, MG_DOMAIN_NUMPY, ptr);
-    r_free(ptr);
-    mg_reentry_leave(was);
-}
-
 /* The same for NumPy's calls of CPython's PyMem RAW functions (NumPy 2.5 and later). The
  * RAW wrapper and the malloc wrappers below them see the reentrancy flag and pass through. */
-static void *raw_malloc_np(size_t n)
-{
-    if (t_mg.in_hook)
-        return r_raw_malloc(n);
-    int was = mg_reentry_enter();
-    void *p = r_raw_malloc(n);
-
-    probe_mark(MG_PROBE_MALLOC);
-    count_alloc_np(was, p);
-    mg_reentry_leave(was);
-    return p;
-}
-
-static void *raw_calloc_np(size_t k, size_t n)
-{
-    if (t_mg.in_hook)
-        return r_raw_calloc(k, n);
-    int was = mg_reentry_enter();
-    void *p = r_raw_calloc(k, n);
-
-    probe_mark(MG_PROBE_CALLOC);
-    count_alloc_np(was, p);
-    mg_reentry_leave(was);
-    return p;
-}
+static void *raw_malloc_np(size_t n) { return np_alloc(r_raw_malloc, n); }
+static void *raw_calloc_np(size_t k, size_t n) { return np_zalloc(r_raw_calloc, k, n); }
 
 static void *raw_realloc_np(void *ptr, size_t n)
 {
@@ -610,21 +592,7 @@ static void *raw_realloc_np(void *ptr, size_t n)
     return p;
 }
 
-static void raw_free_np(void *ptr)
-{
-    if (ptr == NULL)
-        return;
-    if (t_mg.in_hook) {
-        r_raw_free(ptr);
-        return;
-    }
-    int was = mg_reentry_enter();
-
-    probe_mark(MG_PROBE_FREE);
-    mg_hooks_before_free(was, MG_DOMAIN_NUMPY, ptr);
-    r_raw_free(ptr);
-    mg_reentry_leave(was);
-}
+static void raw_free_np(void *ptr) { np_release(r_raw_free, ptr); }
 
 static int memalign_common(void **out, size_t align, size_t n, int refusing)
 {
