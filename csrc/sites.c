@@ -53,6 +53,11 @@ static _Atomic int64_t s_rule_no_budget = 256ll * 1024 * 1024;
 /* Written by hooks (relaxed RMW); read by anyone (relaxed). */
 static _Atomic uint64_t s_dropped = 0;
 static _Atomic int64_t s_blocks_live = 0;
+/* Site slots holding a key: incremented by the insert whose CAS claimed a slot, decremented
+ * by the sweep whose CAS freed one (relaxed RMW); read (relaxed) by the listing and the
+ * sweep, which skip their walk of the whole table when it is 0 (a site inserted at that
+ * moment by another thread may be missed, as a walk racing the insert may miss it). */
+static _Atomic int64_t s_sites_used = 0;
 /* The line and epoch of the last attributed allocation with a known line: written by hooks
  * (relaxed, line then epoch), read by the monitor's black-box tick (relaxed, each on its
  * own: a pair read across two allocations names one of their lines). */
@@ -117,8 +122,10 @@ static int64_t sites_find_or_add(uint64_t key)
         if (k == KEY_EMPTY || k == KEY_TOMB) {
             if (atomic_compare_exchange_strong_explicit(&s_sites[j].key, &k, key,
                                                         memory_order_acq_rel,
-                                                        memory_order_acquire))
+                                                        memory_order_acquire)) {
+                atomic_fetch_add_explicit(&s_sites_used, 1, memory_order_relaxed);
                 return (int64_t)j;
+            }
             if (k == key)
                 return (int64_t)j; /* another thread created it just now */
         }
@@ -268,6 +275,8 @@ int mg_sites_list(int64_t epoch, mg_site_info_t *out, int max)
 {
     int n = 0;
 
+    if (atomic_load_explicit(&s_sites_used, memory_order_relaxed) <= 0)
+        return 0;
     for (unsigned j = 0; j < MG_SITE_SLOTS && max > 0; j++) {
         uint64_t k = atomic_load_explicit(&s_sites[j].key, memory_order_acquire);
         mg_site_info_t info;
@@ -305,6 +314,8 @@ int32_t mg_sites_last_line(int64_t epoch)
 
 void mg_sites_sweep(int64_t current_epoch)
 {
+    if (atomic_load_explicit(&s_sites_used, memory_order_relaxed) <= 0)
+        return;
     for (unsigned j = 0; j < MG_SITE_SLOTS; j++) {
         site_slot_t *site = &s_sites[j];
         uint64_t k = atomic_load_explicit(&site->key, memory_order_acquire);
@@ -320,8 +331,9 @@ void mg_sites_sweep(int64_t current_epoch)
         atomic_store_explicit(&site->live_bytes, 0, memory_order_relaxed);
         atomic_store_explicit(&site->live_count, 0, memory_order_relaxed);
         atomic_store_explicit(&site->reported, 0, memory_order_relaxed);
-        atomic_compare_exchange_strong_explicit(&site->key, &k, (uint64_t)KEY_TOMB,
-                                                memory_order_acq_rel, memory_order_relaxed);
+        if (atomic_compare_exchange_strong_explicit(&site->key, &k, (uint64_t)KEY_TOMB,
+                                                    memory_order_acq_rel, memory_order_relaxed))
+            atomic_fetch_sub_explicit(&s_sites_used, 1, memory_order_relaxed);
     }
 }
 
@@ -353,6 +365,7 @@ void mg_sites_reset(void)
     }
     atomic_store(&s_dropped, 0);
     atomic_store(&s_blocks_live, 0);
+    atomic_store(&s_sites_used, 0);
     atomic_store(&s_last_line, -1);
     atomic_store(&s_last_epoch, 0);
 }

@@ -153,6 +153,37 @@ static void t_sweep_keeps_live_sites_and_reused_slots_stay_right(void)
     check_int(s.live_bytes, ==, 1 * MB);
 }
 
+/* The listing and the sweep skip their walk when no slot holds a site (s_sites_used): after
+ * sweeps emptied the table, a site created later must still be listed and swept. */
+static void t_emptied_table_still_lists_new_sites(void)
+{
+    mg_sites_stats_t st;
+    mg_site_info_t all[4];
+
+    fresh(20, 0);
+    mg_sites_sweep(20); /* nothing to walk */
+    for (int round = 0; round < 3; round++) {
+        int64_t epoch = 21 + round;
+
+        mg_sites_alloc(addr(1), 2 * MB, epoch, 3);
+        mg_sites_alloc(addr(2), 1 * MB, epoch, 4);
+        check_int(mg_sites_list(epoch, all, 4), ==, 2);
+        mg_sites_free(addr(1));
+        mg_sites_free(addr(2));
+        mg_sites_sweep(epoch + 1); /* both sites are empty and go */
+        mg_sites_stats(&st);
+        check_int((int64_t)st.sites, ==, 0);
+        check_int(mg_sites_list(0, all, 4), ==, 0);
+    }
+    mg_sites_alloc(addr(3), 1 * MB, 30, 9);
+    check_int(mg_sites_list(30, all, 4), ==, 1);
+    check_int(all[0].line, ==, 9);
+    mg_sites_free(addr(3));
+    mg_sites_sweep(31);
+    mg_sites_stats(&st);
+    check_int((int64_t)st.sites, ==, 0);
+}
+
 static void t_list_orders_by_bytes_and_truncates(void)
 {
     mg_site_info_t all[3];
@@ -334,13 +365,15 @@ static void t_colliding_inserts_keep_each_site_exact(void)
 
 int main(void)
 {
-    plan(10);
+    plan(11);
     TEST(t_site_counts_live_blocks(), "a site counts its live blocks and bytes, and frees take them off");
     TEST(t_accumulation_fires_once_then_grows(), "the accumulation rule fires once at the third block, then updates after 10% growth");
     TEST(t_churn_never_fires(), "a churn loop of 100 MB blocks under a 200 MB budget never fires");
     TEST(t_no_budget_uses_the_absolute_rule(), "without a budget the rule needs 256 MiB");
     TEST(t_stale_record_is_replaced(), "a stale record for a reused address is replaced, not doubled");
     TEST(t_sweep_keeps_live_sites_and_reused_slots_stay_right(), "sweep drops only empty past sites, and a reused slot is not charged for old blocks");
+    TEST(t_emptied_table_still_lists_new_sites(),
+         "a table emptied by sweeps lists nothing, then lists and sweeps the sites made after");
     TEST(t_list_orders_by_bytes_and_truncates(), "listing gives the largest sites first and stops at the limit");
     TEST(t_full_probe_window_drops_and_counts(), "blocks that find no slot are dropped and counted");
     TEST(t_threads_leave_nothing_behind(), "8 threads inserting and removing blocks leave the table empty");

@@ -14,11 +14,26 @@ import typing
 @functools.lru_cache(maxsize=None)
 def _getter(cls, renamed):
     """An itemgetter of ``cls``'s fields, in order, from a dict (``renamed``: a tuple of
-    (field, key) pairs). Built once per shape: a snapshot is taken at least three times per
-    cell and per Dask task, and a generator over the fields was most of its cost (cProfile
-    of 300 cells)."""
+    (field, key) pairs). Built once per shape: a generator over the fields was most of a
+    conversion's cost (cProfile of 300 cells)."""
     keys = dict(renamed)
     return operator.itemgetter(*(keys.get(name, name) for name in cls._fields))
+
+
+_ORDERS = {}  # named-tuple class -> itemgetter of its fields from a *_values() tuple
+
+
+def _from_values(cls, fields, values, renamed=()):
+    """The tuple ``values`` (a ``*_values()`` result, in the order of the names ``fields``,
+    the module's ``*_FIELDS``) as the named tuple ``cls`` (``renamed`` as for _named): no
+    dict in between, for what runs several times per cell. The order is worked out once
+    per class. ValueError if ``fields`` lacks a field of ``cls``."""
+    get = _ORDERS.get(cls)
+    if get is None:
+        keys = dict(renamed)
+        get = _ORDERS[cls] = operator.itemgetter(
+            *(fields.index(keys.get(name, name)) for name in cls._fields))
+    return tuple.__new__(cls, get(values))
 
 
 def _named(cls, raw, renamed=()):
@@ -104,7 +119,8 @@ class Snapshot(typing.NamedTuple):
 
 def snapshot(core):
     """``core.snapshot()`` as a :class:`Snapshot`."""
-    return _named(Snapshot, core.snapshot(), (("raising", "raise"),))
+    return _from_values(Snapshot, core.SNAPSHOT_FIELDS, core.snapshot_values(),
+                        (("raising", "raise"),))
 
 
 class Site(typing.NamedTuple):
@@ -160,7 +176,7 @@ class MonitorStats(typing.NamedTuple):
 
 def monitor_stats(core):
     """``core.monitor_stats()`` as :class:`MonitorStats`."""
-    return _named(MonitorStats, core.monitor_stats())
+    return _from_values(MonitorStats, core.MONITOR_FIELDS, core.monitor_values())
 
 
 class Refusal(typing.NamedTuple):
