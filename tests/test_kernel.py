@@ -233,13 +233,17 @@ def test_status_shows_limit_budget_mode_tracked_and_rss(kernel):
 def test_unload_then_free_then_reload_keeps_the_kernel_sane(kernel):
     kernel.execute("import numpy as np\nkeep = [np.ones(1_000_000) for _ in range(5)]\n"
                    "objs = [dict(a=i) for i in range(100_000)]")
+    wrapped = "print('get_code_name' in vars(get_ipython().compile))"
+    assert kernel.execute(wrapped).stdout.strip() == "True"  # cells.watch_compiler
     kernel.execute("%unload_ext memguard")
+    assert kernel.execute(wrapped).stdout.strip() == "False"  # the compiler as it was
     ex = kernel.execute("del keep, objs\nimport gc; gc.collect()\n"
                         "after = [np.ones(1_000_000) for _ in range(5)]\n"
                         "%memguard", ok=False)
     assert ex.error and ex.error["ename"] == "UsageError"  # the magic is gone
     ex = kernel.execute("%load_ext memguard")
     assert "loaded" in ex.stdout
+    assert kernel.execute(wrapped).stdout.strip() == "True"
     ex = kernel.execute("%%memguard 10MB\nbig = np.ones(5_000_000)\ndel after")
     assert ex.alerts_of("budget")
     ex = kernel.execute("print(1 + 1)")

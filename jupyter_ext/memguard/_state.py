@@ -41,6 +41,7 @@ class Cell:
     thread: typing.Optional[int] = None  # threading.get_ident() of the thread running it
     code_name: typing.Optional[str] = None  # the filename IPython compiles it under, if known
     trace: typing.Any = None  # trace.CellTrace while a %%memguard --trace cell runs
+    native_start: int = 0  # bytes of the native domain when the cell began
 
 
 @dataclasses.dataclass

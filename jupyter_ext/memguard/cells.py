@@ -72,12 +72,11 @@ def begin(info=None):
     else:
         count = None  # an execution that IPython does not number
     cell = Cell(STATE.epoch, count, _current_parent(), time.monotonic(), budget,
-                thread=threading.get_ident(), code_name=_code_name(info, count))
+                thread=threading.get_ident())
     STATE.add_cell(cell)
-    STATE.core.set_cell_file(cell.code_name)
-    STATE.core.cell_begin(cell.epoch, budget)
-    # The native domain at the start, for the record's "native" (native memory kept).
-    cell.native_start = coreview.snapshot(STATE.core).native
+    STATE.core.set_cell_file(None)  # until IPython compiles the cell (watch_compiler)
+    # cell_begin returns the native domain at the start, for the record's "native".
+    cell.native_start = STATE.core.cell_begin(cell.epoch, budget)
     raw = getattr(info, "raw_cell", None) or ""
     STATE.core.blackbox_set_cell(cell.epoch, -1 if count is None else count, raw,
                                  _packed_header(cell.parent))
@@ -87,19 +86,39 @@ def begin(info=None):
     return cell
 
 
-def _code_name(info, count):
-    """The filename IPython's compiler will give this cell's code (ipykernel names it after
-    a hash of the raw source), so frames of the cell's functions are recognised in any
-    thread; None when unknown, and attribution then finds the cell from its frames."""
-    raw = getattr(info, "raw_cell", None)
-    get = getattr(getattr(STATE.shell, "compile", None), "get_code_name", None)
-    if raw is None or get is None:
+def watch_compiler(shell):
+    """Learn the filename IPython compiles each cell under from the shell compiler's own
+    ``get_code_name`` call, made after ``pre_run_cell`` and before any of the cell's code
+    runs, so frames of the cell's functions are recognised in any thread. Computing the name
+    again would hash the cell twice: ipykernel's compiler hashes it with a pure-Python
+    murmur2, about 1 ms for a 3 KB cell (timeit, this repository's venv). Returns the undo
+    (a callable), or None when the shell's compiler has no ``get_code_name``; attribution
+    then finds the cell from its frames."""
+    compiler = getattr(shell, "compile", None)
+    original = getattr(compiler, "get_code_name", None)
+    if original is None:
         return None
-    try:
-        name = get(raw, raw, count or 0)
-    except Exception:  # a compiler of another shape: fall back to the frame rule
-        return None
-    return name if isinstance(name, str) else None
+    own = "get_code_name" in vars(compiler)  # an instance attribute to put back as it was
+
+    def get_code_name(raw_code, transformed_code, number):
+        name = original(raw_code, transformed_code, number)
+        cell = STATE.current
+        if STATE.loaded and cell is not None and isinstance(name, str) and \
+                cell.thread == threading.get_ident():
+            cell.code_name = name
+            STATE.core.set_cell_file(name)
+        return name
+
+    compiler.get_code_name = get_code_name
+
+    def undo():
+        if vars(compiler).get("get_code_name") is get_code_name:  # nobody wrapped it since
+            if own:
+                compiler.get_code_name = original
+            else:
+                del compiler.get_code_name
+
+    return undo
 
 
 def pre_run_cell(info=None):
@@ -117,17 +136,22 @@ def post_run_cell(result=None):
     """IPython ``post_run_cell`` event: bring the cell's alerts up to date, add the cell's
     record to the history and print the summary line if it is on."""
     cell = STATE.current
-    if cell is None or not coreview.snapshot(STATE.core).of_cell(cell.epoch):
+    if cell is None:
         return
     count = getattr(result, "execution_count", None)
     if count is not None and count != cell.count:
         # Learn the offset when memguard was loaded outside a cell (e.g. at kernel start).
         STATE.count_offset += (cell.count or 0) - count if cell.count is not None else 0
         cell.count = count
-    drain()
+    drain()  # before the snapshot, which then includes what the cell's last alerts saw
     snap = coreview.snapshot(STATE.core)
-    sites = coreview.sites(STATE.core, cell.epoch, 20)
-    records.finish(cell, sites, snap)
+    if not snap.of_cell(cell.epoch):
+        return
+    if cell.alerts:  # only an alert shown under the cell has figures to bring up to date
+        sites = coreview.sites(STATE.core, cell.epoch, 20)
+        records.finish(cell, sites, snap)
+    else:
+        sites = coreview.sites(STATE.core, cell.epoch, 1)
     top = sites[0] if sites and sites[0].live_bytes > 0 else None
     record = {
         "epoch": cell.epoch,
@@ -135,7 +159,7 @@ def post_run_cell(result=None):
         "peak": snap.cell_peak_usage,
         "retained": snap.cell_usage,
         "untracked": snap.untracked,
-        "native": snap.native - getattr(cell, "native_start", snap.native),
+        "native": snap.native - cell.native_start,
         "rss": snap.rss,
         "rss_peak": snap.rss_cell_peak,
         "budget": cell.budget or None,

@@ -104,6 +104,9 @@ def _install(shell, core, magics, undo):
                           ("post_run_cell", cells.post_run_cell)):
         shell.events.register(name, handler)
         undo.callback(_unregister, shell, name, handler)
+    restore_compiler = cells.watch_compiler(shell)
+    if restore_compiler is not None:
+        undo.callback(restore_compiler)
     shell.register_magics(magics)
     undo.callback(_remove_magics, shell)
     refuse.install(shell)
