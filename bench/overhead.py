@@ -691,7 +691,9 @@ def callgrind_bench(args, configs, bench):
             shutil.rmtree(out_dir, ignore_errors=True)
         if totals is not None and len(totals) != len(workloads):
             why = f"expected {len(workloads)} callgrind dumps from the runner, found {len(totals)}"
+        route = (result or {}).get("config", {}).get("memguard_numpy_route")
         print(f"[bench] callgrind {c}: {time.monotonic() - t0:.0f} s"
+              + (f", NumPy route at load and at the end: {route}" if route else "")
               + (f", n/a ({why})" if why else ""), flush=True)
         return c, (None if why else dict(zip(workloads, totals))), why
 
