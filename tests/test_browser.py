@@ -389,9 +389,12 @@ def _check_alert_readings(readings):
     assert "budget 100 MB" in first["text"] and "MB" in last[0]["text"]
     for alert in (first, last[0]):
         assert "<script" not in alert["html"] and "<iframe" not in alert["html"]
-    # First shown at the crossing (200 MB), brought to 400 MB by the second allocation.
+    # First shown at the crossing (200 MB), brought to about 400 MB by the second allocation.
+    # The cell's usage is the whole heap's growth since the cell began, so blocks allocated
+    # before it and freed during it (a garbage collection, IPython's own caches) take a
+    # little off: the last figure once read 399.95 MB.
     used = [float(re.search(r"has used ([\d.]+) MB", a["text"]).group(1)) for a in (first, last[0])]
-    assert used[0] < 300 <= 400 <= used[1], (first["text"], last[0]["text"])
+    assert used[0] < 300 and used[1] >= 390, (first["text"], last[0]["text"])
 
 
 def _contrast(driver):
