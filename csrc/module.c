@@ -195,19 +195,16 @@ static const char *const SNAPSHOT_NAMES[] = {
 #define SNAPSHOT_N ((int)(sizeof(SNAPSHOT_NAMES) / sizeof(SNAPSHOT_NAMES[0])))
 static PyObject *s_snapshot_keys[SNAPSHOT_N];
 
-/* A tuple of the n integers: what the *_values() functions return, in the order of their
- * *_FIELDS names. coreview builds its named tuples from these, with no dict in between
- * (callgrind of one pre_run_cell + post_run_cell, 2026-12-03: a snapshot() dict and its
- * conversion were about 14,000 instructions, a third of memguard's per-cell work). NULL with
- * an exception set on failure. */
-static PyObject *ints_tuple(const long long *vals, int n)
+/* A tuple of n items, item(src, i) each (a new reference, NULL with an exception set).
+ * NULL with an exception set on failure. */
+static PyObject *tuple_of(int n, PyObject *(*item)(const void *src, int i), const void *src)
 {
     PyObject *t = PyTuple_New(n);
 
     if (t == NULL)
         return NULL;
     for (int i = 0; i < n; i++) {
-        PyObject *v = PyLong_FromLongLong(vals[i]);
+        PyObject *v = item(src, i);
 
         if (v == NULL) {
             Py_DECREF(t);
@@ -218,29 +215,29 @@ static PyObject *ints_tuple(const long long *vals, int n)
     return t;
 }
 
-/* The names as a tuple of str, for the module's *_FIELDS constants. NULL on failure. */
-static PyObject *names_tuple(const char *const *names, int n)
+static PyObject *int_item(const void *vals, int i)
 {
-    PyObject *t = PyTuple_New(n);
+    return PyLong_FromLongLong(((const long long *)vals)[i]);
+}
 
-    if (t == NULL)
-        return NULL;
-    for (int i = 0; i < n; i++) {
-        PyObject *v = PyUnicode_InternFromString(names[i]);
+static PyObject *name_item(const void *names, int i)
+{
+    return PyUnicode_InternFromString(((const char *const *)names)[i]);
+}
 
-        if (v == NULL) {
-            Py_DECREF(t);
-            return NULL;
-        }
-        PyTuple_SET_ITEM(t, i, v);
-    }
-    return t;
+/* A tuple of the n integers: what the *_values() functions return, in the order of their
+ * *_FIELDS names. coreview builds its named tuples from these, with no dict in between
+ * (callgrind of one pre_run_cell + post_run_cell, 2026-12-03: a snapshot() dict and its
+ * conversion were about 14,000 instructions, a third of memguard's per-cell work). */
+static PyObject *ints_tuple(const long long *vals, int n)
+{
+    return tuple_of(n, int_item, vals);
 }
 
 /* Module constant `name`: the names as a tuple of str. -1 with an exception on failure. */
 static int add_names(PyObject *m, const char *name, const char *const *names, int n)
 {
-    PyObject *t = names_tuple(names, n);
+    PyObject *t = tuple_of(n, name_item, names);
     int rc;
 
     if (t == NULL)
