@@ -42,6 +42,11 @@ def grow_forever(step_bytes):
 """
 LINES = {"densify": 3, "keep_parts": 9, "one_big": 13, "grow_forever": 19}
 MEMORY_LIMIT = 1_000_000_000
+# The least peak RSS a black box may record for a worker its nanny terminated: the nanny
+# terminates at 95% of memory_limit, and the box holds the monitor's last RSS sample (every
+# 25 ms in a worker) before that. A task growing 50 MB per 20 ms outruns the samples, more
+# so on a loaded machine: a clean-clone run beside other work recorded 0.84 x the limit.
+KILLED_PEAK_MIN = 0.75 * MEMORY_LIMIT
 
 SETUP = f"""\
 import json, os, time
@@ -183,8 +188,8 @@ def test_a_task_the_nanny_kills_gives_a_crash_report_with_key_and_line(dask_kern
     assert len(reports) == 1, ex.alerts
     report = reports[0]
     _assert_task_fields(report, "grow-1", "grow_forever", cell, LINES["grow_forever"])
-    # The peak against the worker's limit: the nanny terminates at 95% of memory_limit.
-    assert report["peak"] >= 0.85 * MEMORY_LIMIT, report
+    # The peak against the worker's limit (KILLED_PEAK_MIN).
+    assert KILLED_PEAK_MIN <= report["peak"], report
     assert "grow-1" in report["message"] and "memory_limit" in " ".join(report["suggestions"])
     assert any(row[2] and "held.append" in row[1] for row in report["source"]), report["source"]
     # It came before the cell's error, i.e. with the KilledWorker, under this cell.
@@ -377,7 +382,7 @@ def test_notebook_each_bad_task_gets_its_alert_on_its_line(dask_notebook):
     assert (crash["task"], crash["function"]) == ("collect-forever", "collect_forever")
     assert crash["cell"] == functions.execution_count
     assert crash["line"] == _line(functions, "collected.append(")
-    assert crash["peak"] >= 0.85 * 10**9
+    assert crash["peak"] >= KILLED_PEAK_MIN  # the notebook's memory_limit is MEMORY_LIMIT
     # The cell's error is KilledWorker. Seen with CPython 3.11.7: IPython's traceback
     # formatter sometimes fails inside ast.parse ("SystemError: AST constructor recursion
     # depth mismatch") and prints the traceback as text instead of an error output: accept
