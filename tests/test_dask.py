@@ -39,8 +39,24 @@ def grow_forever(step_bytes):
     while True:
         held.append(np.ones(step_bytes // 8))
         time.sleep(0.02)
+
+def arrow_random(n):
+    import pyarrow.compute as pc
+    r = pc.random(n)
+    return len(r)
+
+def arrow_big(nbytes):
+    import pyarrow as pa
+    buf = pa.allocate_buffer(nbytes)
+    return buf.size
+
+def torch_big(n):
+    import torch
+    t = torch.ones(n, dtype=torch.float64)
+    return float(t.sum())
 """
-LINES = {"densify": 3, "keep_parts": 9, "one_big": 13, "grow_forever": 19}
+LINES = {"densify": 3, "keep_parts": 9, "one_big": 13, "grow_forever": 19, "arrow_random": 24,
+         "arrow_big": 29, "torch_big": 34}
 MEMORY_LIMIT = 1_000_000_000
 # The least peak RSS a black box may record for a worker its nanny terminated: the nanny
 # terminates at 95% of memory_limit, and the box holds the monitor's last RSS sample (every
@@ -73,8 +89,10 @@ def probe(dask_worker=None):
     a = np.ones(50_000_000 // 8)
     counted = coreview.snapshot(_core).tracked - before >= 40_000_000
     del a
+    native = _core.native_stats()
     return {"loaded": STATE.loaded, "monitor": coreview.monitor_stats(_core).running,
-            "counting": counted,
+            "counting": counted, "native": native["installed"], "slots": native["slots"],
+            "numpy_route": native["numpy_route"], "not_patched": native["failed"],
             "sparse": sparse.installed() or any(isinstance(f, sparse._ImportWatcher)
                                                 for f in __import__("sys").meta_path),
             "threads": sorted(t.name for t in threading.enumerate() if "memguard" in t.name),
@@ -178,6 +196,28 @@ def test_raise_mode_fails_the_task_with_memguards_message_and_the_worker_lives(d
     assert ok.stdout.strip() == "1000000.0"
 
 
+@pytest.mark.parametrize("function,size", [("arrow_big", "2 * 10**9"),
+                                           ("torch_big", "250_000_000")])
+def test_raise_mode_refuses_a_native_block_in_a_task_and_the_worker_lives(dask_kernel,
+                                                                          function, size):
+    """Arrow's memory pool (ArrowMemoryError) and torch's CPU allocator (RuntimeError), the
+    callers that survive a refused block, fail the task with memguard's MemoryError."""
+    kernel, cell = dask_kernel
+    kernel.execute(f"import {function.split('_')[0]}")  # the client unpickles its errors
+    kernel.execute('mgd.install(client, budget="100MB", mode="raise")')
+    before = _value(kernel, "sorted(client.run(os.getpid).items())")
+    ex = kernel.execute(f'client.submit({function}, {size}, key="native-big").result()',
+                        ok=False, timeout=120)
+    error = ex.error
+    assert error is not None and error["ename"] == "MemoryError", error
+    assert error["evalue"].startswith("memguard (raise mode) refused an allocation of 2 GB"), error
+    assert f"at line {LINES[function]} in task 'native-big' ({function})" in error["evalue"], error
+    assert "over its budget of 100 MB" in error["evalue"], error
+    refused = [a for a in _task_alerts(ex, "budget", "native-big") if a.get("refused")]
+    assert refused and refused[-1]["request_bytes"] >= 2 * 10**9, ex.alerts
+    assert _value(kernel, "sorted(client.run(os.getpid).items())") == before
+
+
 def test_a_task_the_nanny_kills_gives_a_crash_report_with_key_and_line(dask_kernel):
     kernel, cell = dask_kernel
     kernel.execute("mgd.install(client)")
@@ -196,6 +236,23 @@ def test_a_task_the_nanny_kills_gives_a_crash_report_with_key_and_line(dask_kern
     data = next(m for _, _, a, m in ex.alerts_of("crash_report"))["content"]["data"]
     assert "a Dask worker died" in data["text/html"]
     assert "post-crash report" in data["text/plain"]
+
+
+def test_native_memory_in_a_task_gets_a_budget_alert_on_its_line(dask_kernel):
+    """pyarrow's memory (dask.dataframe's default string columns are pyarrow's) is native
+    code's: counted per task on the worker as in a kernel."""
+    kernel, cell = dask_kernel
+    kernel.execute('mgd.install(client, budget="200MB")')
+    ex = kernel.execute('print(client.submit(arrow_random, 40_000_000, key="arrow-1").result())')
+    assert ex.stdout.strip() == "40000000", ex.stdout
+    alerts = _task_alerts(ex, "budget", "arrow-1")
+    assert len(alerts) == 1, ex.alerts
+    _assert_task_fields(alerts[0], "arrow-1", "arrow_random", cell, LINES["arrow_random"])
+    # Counted, not only seen as RSS growth: without the native hooks the RSS rule alone
+    # fires, with untracked_bytes about the whole growth.
+    alert = alerts[0]
+    assert alert["bytes"] >= 200 * 10**6, alert
+    assert alert["untracked_bytes"] < 0.25 * alert["rss_growth"], alert
 
 
 def test_workers_added_after_install_are_guarded(dask_kernel):
@@ -231,6 +288,7 @@ def test_uninstall_leaves_no_hook_in_any_worker(dask_kernel):
         assert state["loaded"] and state["monitor"] and state["counting"], state
         assert state["sparse"] and state["box"] and state["plugin"], state
         assert state["threads"] == ["memguard-relay"], state
+        assert state["native"] and state["slots"] > 0 and state["numpy_route"], state
     kernel.execute('client.submit(keep_parts, 3, 1_000_000, key="warm-1").result()')
     kernel.execute("mgd.uninstall(client)")
     removed = _value(kernel, "client.run(probe)")
@@ -240,6 +298,7 @@ def test_uninstall_leaves_no_hook_in_any_worker(dask_kernel):
         assert not state["loaded"] and not state["monitor"] and not state["counting"], state
         assert not state["sparse"] and not state["box"] and not state["plugin"], state
         assert state["threads"] == [], state
+        assert not state["native"] and state["slots"] == 0, state  # every GOT entry restored
     # Nothing is reported any more.
     ex = kernel.execute('client.submit(keep_parts, 6, 40_000_000, key="keep-after").result()')
     assert not ex.alerts, ex.alerts

@@ -295,6 +295,10 @@ class WorkerGuard:
             from . import extension
 
             extension._install_numpy()
+            # Native code's memory (pyarrow, dask.dataframe's default string columns, polars,
+            # torch) counts per task as in a kernel; it also gives NumPy's own calls the
+            # cheaper route. MEMGUARD_NATIVE=0 in the worker's environment turns it off.
+            extension._install_native(core, undo)
             undo.callback(core.set_user_globals, None)
             undo.callback(core.set_cell_file, None)
             STATE.publisher = _WorkerPublisher(self)
@@ -411,7 +415,10 @@ class WorkerGuard:
             cell.thread = threading.get_ident()
             try:
                 return func(*args, **kwargs)
-            except builtins.MemoryError as exc:
+            except (builtins.MemoryError, builtins.RuntimeError) as exc:
+                # RuntimeError: torch's CPU allocator raises it when the native hook refused
+                # its block; one memguard did not cause goes on unchanged (refusal_message
+                # gives None when no refusal was counted since the last).
                 message = guard.refusal_message(cell, exc)
                 if message is None:
                     raise
@@ -434,8 +441,9 @@ class WorkerGuard:
                 pass
 
     def refusal_message(self, cell, error):
-        """memguard's message for a MemoryError of a task that raise mode caused (a refused
-        NumPy allocation, or a densification stopped before it allocated), else None."""
+        """memguard's message for a MemoryError (or torch's RuntimeError) of a task that
+        raise mode caused (a refused NumPy, Arrow pool or torch allocation, or a densification
+        stopped before it allocated), else None."""
         info = self.tasks.get(cell.epoch) or {}
         task = f"task {info.get('task')!r}"
         if info.get("function"):
@@ -453,7 +461,10 @@ class WorkerGuard:
         found = _NUMPY_MSG.search(str(error))
         if found:
             what += f" for an array with shape {found.group(1)} and dtype {found.group(2)}"
-        where = f" at line {ref.line}" if ref.line > 0 else ""
+        # A native hook refusing in a call that released the GIL (torch, Arrow) read no
+        # frame: the task function's line is then in the error's traceback.
+        line = ref.line if ref.line > 0 else refuse._traceback_line(error)
+        where = f" at line {line}" if line and line > 0 else ""
         snap = coreview.snapshot(core)
         if ref.reason == core.REFUSE_BUDGET:
             over = (f"would take the task over its budget of {format_size(snap.budget)} (it had "
