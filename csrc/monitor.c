@@ -169,7 +169,42 @@ typedef struct monitor_state {
     int by_rss;            /* that alert came from the RSS rule: follow RSS growth */
     int64_t limit_epoch;   /* the cell that got the last limit record (-1 = none) */
     int64_t limit_last;    /* the measure in that record, bytes */
+    int64_t settled_rss;   /* the RSS sample the last native settle followed (-2: none) */
+    unsigned settled_tick; /* the poll of that settle */
+    int64_t settle_ok_ns;  /* CLOCK_MONOTONIC ns before which no settle starts */
 } monitor_state_t;
+
+static int64_t clock_ns(clockid_t clock)
+{
+    struct timespec ts;
+
+    if (clock_gettime(clock, &ts) != 0)
+        return 0;
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Measure the native mappings (mg_native_settle) at an RSS sample when RSS moved since they
+ * were last measured or MG_SETTLE_MAX_MS passed, and no sooner than MG_SETTLE_COST_RATIO
+ * times the CPU time the last measure took after it (mg_monitor.h). CPU time, not wall
+ * time: a monitor thread preempted on a busy machine would otherwise space the measures
+ * far apart, and a budget alert on Arrow's memory could come after its cell ended. */
+static void monitor_settle(monitor_state_t *st, int64_t sampled, unsigned tick,
+                           unsigned settle_every)
+{
+    int64_t now;
+    int64_t cpu0;
+
+    if (sampled >= 0 && sampled == st->settled_rss && tick - st->settled_tick < settle_every)
+        return;
+    now = clock_ns(CLOCK_MONOTONIC);
+    if (now < st->settle_ok_ns)
+        return;
+    cpu0 = clock_ns(CLOCK_THREAD_CPUTIME_ID);
+    mg_native_settle();
+    st->settle_ok_ns = now + (clock_ns(CLOCK_THREAD_CPUTIME_ID) - cpu0) * MG_SETTLE_COST_RATIO;
+    st->settled_rss = sampled;
+    st->settled_tick = tick;
+}
 
 /* Rule 1, ring forwarding: send every event the hooks pushed, and remember a budget
  * alert so its growth can be followed. */
@@ -287,8 +322,9 @@ static void *monitor_main(void *arg)
 {
     /* period_ms is 1-1000 (mg_monitor_start), so tv_nsec stays below 1e9. */
     struct timespec period = {s_period_ms / 1000, (long)(s_period_ms % 1000) * 1000000L};
-    monitor_state_t st = {0, -1, 0, 0, -1, 0};
+    monitor_state_t st = {0, -1, 0, 0, -1, 0, -2, 0, 0};
     unsigned bb_every = MG_BB_SAMPLE_MS / (unsigned)s_period_ms;
+    unsigned settle_every = MG_SETTLE_MAX_MS / (unsigned)s_period_ms;
     unsigned tick = 0;
 
     (void)arg;
@@ -300,20 +336,22 @@ static void *monitor_main(void *arg)
     while (!atomic_load_explicit(&s_stop, memory_order_acquire)) {
         mg_acct_snapshot_t snap;
         int rss_crossed = 0;
+        int64_t sampled = -1;
 
         monitor_forward_ring(&st);
-        /* Native mappings are counted by their resident pages, measured here (before the
-         * snapshot, so a crossing they cause is seen by the RSS rule). Weak: the C tests
-         * link no native hooks. */
-        if (tick % MG_RSS_EVERY == 0 && mg_native_settle != NULL)
-            mg_native_settle();
+        if (tick % MG_RSS_EVERY == 0) {
+            sampled = mg_measures_sample();
+            /* Native mappings are counted by their resident pages, measured here (before
+             * the snapshot, so a crossing they cause is seen by the RSS rule). Weak: the C
+             * tests link no native hooks. */
+            if (mg_native_settle != NULL)
+                monitor_settle(&st, sampled, tick, settle_every);
+        }
         mg_acct_snapshot(&snap);
         /* Rule 5, the black-box tick: state and one timeline sample every MG_BB_SAMPLE_MS. */
         if (tick % bb_every == 0)
             mg_blackbox_tick(); /* no-op without an open box */
         if (tick % MG_RSS_EVERY == 0) {
-            int64_t sampled = mg_measures_sample();
-
             if (sampled >= 0)
                 monitor_limit_rule(&st, &snap);
             rss_crossed = monitor_rss_budget_rule(&st, &snap);
