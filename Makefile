@@ -31,7 +31,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 .PHONY: all demo test ctest pytest check-asan check-valgrind check-tsan test-compat lock clean deps \
 	fuzz fuzz-short check-sanitize \
 	bench bench-latency bench-launcher bench-attribution bench-monitor bench-overhead bench-quick bench-callgrind \
-	test-browser bench-dask pytest-rest test-matrix lock-matrix
+	test-browser bench-dask bench-dask-callgrind pytest-rest test-matrix lock-matrix
 
 all: .stamp-installed
 
@@ -195,6 +195,10 @@ bench-launcher: .stamp-installed
 # reduction and a dask.dataframe group-by on a 2-worker LocalCluster; build/bench_dask.json.
 bench-dask: .stamp-installed
 	$(VPY) bench/dask_overhead.py $(BENCH_ARGS)
+
+# The same workloads in instructions per worker thread, the workers under callgrind.
+bench-dask-callgrind: .stamp-installed
+	$(VPY) bench/dask_overhead.py --callgrind $(BENCH_ARGS)
 
 # Line attribution's cost below and above its threshold (bench/attribution_overhead.py).
 bench-attribution: .stamp-installed
