@@ -29,7 +29,8 @@ memguard's threads (the monitor, ``monitor_main``, and the relay, the thread run
 and the rest. The task thread's count is the same from one run to the next within about 1 %
 (the work moved between the two workers changes); the event loop's and memguard's threads'
 counts grow with wall time (heartbeats, the monitor's 5 ms tick), which valgrind stretches
-about 50 times, so they are printed, not judged. Clusters run plain, memguard, memguard,
+about 50 times, so they are printed, not judged; the workers' own periodic callbacks
+(watchdog tick, profiler, memory and system monitors) are set 10 s apart for this mode. Clusters run plain, memguard, memguard,
 plain. Writes build/bench_dask_callgrind.json.
 """
 
@@ -187,8 +188,16 @@ def run_callgrind(config, workloads, rounds, out_dir):
             subprocess.run(["callgrind_control", *args, str(pid)], check=True,
                            capture_output=True, timeout=600)
 
+    # valgrind runs the workers about 50 times slower: longer timeouts, and the workers'
+    # periodic callbacks (their cost grows with wall time, not with the work) far apart:
+    # the event loop's watchdog tick (20 ms), the profiler (10 ms samples, 1 s cycles), the
+    # memory and system monitors (100 ms, 500 ms). The nannies pass this config on.
     slow = {"distributed.comm.timeouts.connect": "600s", "distributed.comm.timeouts.tcp": "600s",
-            "distributed.scheduler.worker-ttl": None}
+            "distributed.scheduler.worker-ttl": None,
+            "distributed.admin.tick.interval": "10s",
+            "distributed.worker.profile.enabled": False,
+            "distributed.worker.memory.monitor-interval": "10s",
+            "distributed.admin.system-monitor.interval": "10s"}
     try:
         with dask.config.set(slow), \
                 LocalCluster(processes=True, n_workers=2, threads_per_worker=1,
