@@ -326,6 +326,12 @@ static void settle_push_budget(int64_t bytes)
     mg_hooks_push(MG_KIND_BUDGET, -1, bytes, 0);
 }
 
+int mg_native_has_mappings(void)
+{
+    return atomic_load_explicit(&s_installed, memory_order_acquire) &&
+           atomic_load_explicit(&s_maps_live, memory_order_relaxed) > 0;
+}
+
 void mg_native_settle(void)
 {
     int hwm;

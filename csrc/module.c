@@ -76,6 +76,10 @@ static PyObject *core_uninstall_native(PyObject *self, PyObject *unused)
 
 static PyObject *core_native_settle(PyObject *self, PyObject *unused)
 {
+    /* No mapping to measure (the common case, called at every cell's end): keep the GIL,
+     * whose release could hand it to another thread for a switch interval. */
+    if (!mg_native_has_mappings())
+        Py_RETURN_NONE;
     Py_BEGIN_ALLOW_THREADS
     mg_native_settle();
     Py_END_ALLOW_THREADS
@@ -620,7 +624,8 @@ static PyMethodDef core_methods[] = {
      "objects still loaded. Returns how many were restored."},
     {"native_settle", core_native_settle, METH_NOARGS,
      "native_settle() -> None\n\nCount native anonymous mappings by their resident pages now "
-     "(the monitor thread does it at every RSS sample)."},
+     "(the monitor thread does it at RSS samples where RSS moved, at most every 10 ms; the "
+     "end of a cell or task does it too)."},
     {"native_stats", core_native_stats, METH_NOARGS,
      "native_stats() -> dict\n\ninstalled, slots (patched now), objects (scanned in the last "
      "pass), mappings (anonymous mappings counted), map_dropped, failed (names of objects "

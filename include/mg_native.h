@@ -29,6 +29,11 @@ int mg_native_uninstall(void);
  * being settled elsewhere are skipped). */
 void mg_native_settle(void);
 
+/* 1 when the native hooks are installed and hold at least one live mapping record (what
+ * mg_native_settle would measure), else 0. Any thread; relaxed (a record added meanwhile
+ * is measured by the next settle). */
+int mg_native_has_mappings(void);
+
 /* The NumPy route. NumPy's default NEP 49 handler (default_malloc and friends in
  * numpy/_core/src/multiarray/alloc.c) keeps freed blocks under 1024 bytes in a cache of its
  * own and calls malloc, calloc, realloc and free for everything else (NumPy 2.5 and later:

@@ -20,7 +20,10 @@ pytest.importorskip("torch")
 MB = 10**6
 
 # Printed by the measured cell's last line: its tracked peak usage and its RSS growth.
-PROBE = ("_s = __import__('memguard')._core.snapshot()\n"
+# memguard measures native mappings at the end of a cell (post_run_cell); the probe reads
+# before that, so it measures them first, as the cell's end does.
+PROBE = ("__import__('memguard')._core.native_settle()\n"
+         "_s = __import__('memguard')._core.snapshot()\n"
          "print('FIGURES', _s['cell_peak'] - _s['cell_start'], "
          "_s['rss_cell_peak'] - _s['rss_cell_start'], _s['native'])\n")
 

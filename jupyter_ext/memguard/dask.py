@@ -382,6 +382,7 @@ class WorkerGuard:
         # records.finish only updates the alerts the task got; most tasks got none, and
         # then the snapshot and the sites it would read are not needed.
         if cell.alerts:
+            core.native_settle()  # the pages it touched last (cells.post_run_cell)
             records.finish(cell, coreview.sites(core, cell.epoch, 20), coreview.snapshot(core))
         if not self.running:
             self._idle()
