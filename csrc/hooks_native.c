@@ -336,9 +336,7 @@ void mg_native_settle(void)
 {
     int hwm;
 
-    if (!atomic_load_explicit(&s_installed, memory_order_acquire) || !mg_acct_enabled())
-        return;
-    if (atomic_load_explicit(&s_maps_live, memory_order_relaxed) == 0)
+    if (!mg_native_has_mappings() || !mg_acct_enabled())
         return;
     hwm = atomic_load_explicit(&s_maps_hwm, memory_order_relaxed);
     for (int i = 0; i < hwm; i++) {

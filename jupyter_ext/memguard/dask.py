@@ -64,7 +64,6 @@ MAX_TASKS = 1000  # task records kept per worker for late alerts
 _MODES = ("warn", "raise")
 # What a worker adds to an alert (docs/interface.md, "Dask workers").
 TASK_FIELDS = ("task", "function", "file", "function_line", "code_hash", "worker")
-_NUMPY_MSG = re.compile(r"shape (\([^)]*\)) and data type (\S+)")
 
 # Kernel wording -> worker wording, for the messages alerts.py and refuse.py write about a
 # cell and a kernel (applied in this order).
@@ -458,14 +457,7 @@ class WorkerGuard:
         if ref.count == self.refusals_seen:
             return None
         self.refusals_seen = ref.count
-        what = f"an allocation of {format_size(ref.bytes)}"
-        found = _NUMPY_MSG.search(str(error))
-        if found:
-            what += f" for an array with shape {found.group(1)} and dtype {found.group(2)}"
-        # A native hook refusing in a call that released the GIL (torch, Arrow) read no
-        # frame: the task function's line is then in the error's traceback.
-        line = ref.line if ref.line > 0 else refuse._traceback_line(error)
-        where = f" at line {line}" if line and line > 0 else ""
+        what, where = refuse.refused_what_where(ref, error)
         snap = coreview.snapshot(core)
         if ref.reason == core.REFUSE_BUDGET:
             over = (f"would take the task over its budget of {format_size(snap.budget)} (it had "

@@ -118,12 +118,7 @@ def refusal_message(error):
         return None
     STATE.refusals_seen = ref.count
     cell = STATE.current
-    what = f"an allocation of {format_size(ref.bytes)}"
-    found = _NUMPY_MSG.search(str(error))
-    if found:
-        what += f" for an array with shape {found.group(1)} and dtype {found.group(2)}"
-    line = ref.line if ref.line > 0 else _traceback_line(error)
-    where = f" at line {line}" if line and line > 0 else ""
+    what, where = refused_what_where(ref, error)
     if cell is not None and cell.count is not None:
         where += f" of cell {cell.count}"
     snap = coreview.snapshot(STATE.core)
@@ -144,6 +139,19 @@ def refusal_message(error):
         fix = "free memory (del), work in chunks, or use a machine with more memory"
     return (f"memguard (raise mode) refused {what}{where}: it {over}. Nothing was allocated "
             f"and the kernel is fine; {fix}.")
+
+
+def refused_what_where(ref, error):
+    """The phrases naming what a refusal (coreview.refusal's ``ref``) refused and where, for
+    the MemoryError ``error`` it caused: ("an allocation of 2 GB[ for an array with shape
+    (..) and dtype ..]", " at line N" or ""). Shared by the kernel's and the Dask workers'
+    messages."""
+    what = f"an allocation of {format_size(ref.bytes)}"
+    found = _NUMPY_MSG.search(str(error))
+    if found:
+        what += f" for an array with shape {found.group(1)} and dtype {found.group(2)}"
+    line = ref.line if ref.line > 0 else _traceback_line(error)
+    return what, (f" at line {line}" if line and line > 0 else "")
 
 
 def _traceback_line(error):
