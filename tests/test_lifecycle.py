@@ -95,6 +95,43 @@ def test_relay_stop_leaves_the_socket_to_its_busy_thread():
     assert relay._sock.closed and relay._ctx.closed  # the thread closed both on its way out
 
 
+def _switches(tid):
+    """Context switches of thread ``tid`` of this process so far (/proc, proc(5))."""
+    with open(f"/proc/self/task/{tid}/status") as fh:
+        fields = dict(line.split(":", 1) for line in fh if "ctxt_switches" in line)
+    return sum(int(v) for v in fields.values())
+
+
+def test_an_idle_relay_sleeps_until_a_record_and_stop_wakes_it():
+    import zmq
+
+    from memguard.relay import Relay
+
+    got = []
+    relay = Relay("<q", got.append)
+    relay.start()
+    ctx = zmq.Context.shadow(relay.context)
+    push = ctx.socket(zmq.PUSH)
+    push.linger = 0
+    push.connect(relay.endpoint)
+    push.send(struct.pack("<q", 7))
+    deadline = time.monotonic() + 5
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert got == [(7,)]
+    # Idle, the thread must not wake (each wake takes the GIL from the running cell). A
+    # timed wait would switch ten times a second; allow a few for the record's aftermath.
+    before = _switches(relay._thread.native_id)
+    time.sleep(1.0)
+    assert _switches(relay._thread.native_id) - before <= 2
+    push.close()
+    t0 = time.monotonic()
+    assert relay.stop(timeout=5) is True
+    assert time.monotonic() - t0 < 1.0, "stop() waited for a timeout instead of waking it"
+    assert not relay._thread.is_alive()
+    assert relay.bad == 0 and relay.received == 1
+
+
 def test_relay_stop_before_start_closes_everything():
     from memguard.relay import Relay
 

@@ -65,7 +65,14 @@ class Relay:
     relay thread, which closes it on its way out; the context is terminated only after that
     (zmq_ctx_term(3) blocks while a socket of it is open), by ``stop()`` or, when ``stop()``
     gave up waiting, by the thread itself as it ends.
+
+    The thread waits for a record with no timeout: a thread that woke to check a flag
+    would take the GIL from the running cell every time (ten times a second at a 100 ms
+    timeout), and each take is a forced switch. ``stop()`` wakes it with an empty message
+    (``WAKE``; no record is empty) from a socket of its own on the same endpoint.
     """
+
+    WAKE = b""
 
     def __init__(self, wire_format, on_record):
         self._struct = struct.Struct(wire_format)
@@ -100,37 +107,48 @@ class Relay:
                 self._ctx.term()
 
     def _drain(self):
-        poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
         while not self._stop.is_set():
-            if not poller.poll(100):  # ms: bounds how long stop() waits
+            msg = self._sock.recv()  # blocks, GIL released, until a record or WAKE
+            if msg == self.WAKE:
                 continue
-            while not self._stop.is_set():
-                try:
-                    msg = self._sock.recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                if len(msg) != self._struct.size:
-                    self.bad += 1
-                    continue
-                self.received += 1
-                try:
-                    self._on_record(self._struct.unpack(msg))
-                except Exception:  # an alert must never kill the relay
-                    sys.excepthook(*sys.exc_info())
-                finally:
-                    self.processed += 1
+            if len(msg) != self._struct.size:
+                self.bad += 1
+                continue
+            self.received += 1
+            try:
+                self._on_record(self._struct.unpack(msg))
+            except Exception:  # an alert must never kill the relay
+                sys.excepthook(*sys.exc_info())
+            finally:
+                self.processed += 1
+
+    def _wake(self):
+        """Send WAKE to the thread from a socket of this thread's own (closed at once; its
+        linger bounds how long ``zmq_ctx_term`` could wait for a WAKE nobody reads)."""
+        try:
+            sock = self._ctx.socket(zmq.PUSH)
+        except zmq.ZMQError:  # the context is already terminated
+            return
+        try:
+            sock.linger = 100  # ms
+            sock.connect(self.endpoint)
+            sock.send(self.WAKE, zmq.NOBLOCK)
+        except zmq.ZMQError:  # a full pipe: the thread has records to read and will see stop
+            pass
+        finally:
+            sock.close()
 
     def stop(self, timeout=2.0):
         """Stop the thread and terminate the context; stop the C monitor first. Waits up to
-        ``timeout`` seconds (the thread sees the request within 0.1 s, or when the record it
-        is handling is done). Returns True when everything is closed; False when the thread
+        ``timeout`` seconds (the thread sees the request at once, or when the record it is
+        handling is done). Returns True when everything is closed; False when the thread
         is still busy: it then closes its socket and terminates the context as it ends."""
         self._stop.set()
         if self._thread.ident is None:  # never started: no other thread has the socket
             self._sock.close(linger=0)
             self._thread_done = True
         elif self._thread is not threading.current_thread():
+            self._wake()
             self._thread.join(timeout)
         with self._lock:
             if not self._thread_done:
