@@ -13,7 +13,8 @@
 #include "mg_reentry.h"
 
 /* csrc/hooks_native.c, when linked (the extension); the C tests link no native hooks. */
-extern void mg_native_settle(void) __attribute__((weak));
+extern void mg_native_settle_at(int64_t rss) __attribute__((weak));
+extern int mg_native_settle_needed(int64_t rss) __attribute__((weak));
 #include "mg_ring.h"
 #include "mg_zmq.h"
 #include "mg_measures.h"
@@ -169,8 +170,7 @@ typedef struct monitor_state {
     int by_rss;            /* that alert came from the RSS rule: follow RSS growth */
     int64_t limit_epoch;   /* the cell that got the last limit record (-1 = none) */
     int64_t limit_last;    /* the measure in that record, bytes */
-    int64_t settled_rss;   /* the RSS sample the last native settle followed (-2: none) */
-    unsigned settled_tick; /* the poll of that settle */
+    unsigned settled_tick; /* the poll of the last native settle (its RSS: hooks_native.c) */
     int64_t settle_ok_ns;  /* CLOCK_MONOTONIC ns before which no settle starts */
 } monitor_state_t;
 
@@ -183,8 +183,9 @@ static int64_t clock_ns(clockid_t clock)
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-/* Measure the native mappings (mg_native_settle) at an RSS sample when RSS moved since they
- * were last measured or MG_SETTLE_MAX_MS passed, and no sooner than MG_SETTLE_COST_RATIO
+/* Measure the native mappings (mg_native_settle_at) at an RSS sample when RSS moved or a
+ * mapping came or went since they were last measured (mg_native_settle_needed), or
+ * MG_SETTLE_MAX_MS passed, and no sooner than MG_SETTLE_COST_RATIO
  * times the CPU time the last measure took after it (mg_monitor.h). CPU time, not wall
  * time: a monitor thread preempted on a busy machine would otherwise space the measures
  * far apart, and a budget alert on Arrow's memory could come after its cell ended. */
@@ -194,15 +195,14 @@ static void monitor_settle(monitor_state_t *st, int64_t sampled, unsigned tick,
     int64_t now;
     int64_t cpu0;
 
-    if (sampled >= 0 && sampled == st->settled_rss && tick - st->settled_tick < settle_every)
+    if (!mg_native_settle_needed(sampled) && tick - st->settled_tick < settle_every)
         return;
     now = clock_ns(CLOCK_MONOTONIC);
     if (now < st->settle_ok_ns)
         return;
     cpu0 = clock_ns(CLOCK_THREAD_CPUTIME_ID);
-    mg_native_settle();
+    mg_native_settle_at(sampled);
     st->settle_ok_ns = now + (clock_ns(CLOCK_THREAD_CPUTIME_ID) - cpu0) * MG_SETTLE_COST_RATIO;
-    st->settled_rss = sampled;
     st->settled_tick = tick;
 }
 
@@ -322,7 +322,7 @@ static void *monitor_main(void *arg)
 {
     /* period_ms is 1-1000 (mg_monitor_start), so tv_nsec stays below 1e9. */
     struct timespec period = {s_period_ms / 1000, (long)(s_period_ms % 1000) * 1000000L};
-    monitor_state_t st = {0, -1, 0, 0, -1, 0, -2, 0, 0};
+    monitor_state_t st = {0, -1, 0, 0, -1, 0, 0, 0};
     unsigned bb_every = MG_BB_SAMPLE_MS / (unsigned)s_period_ms;
     unsigned settle_every = MG_SETTLE_MAX_MS / (unsigned)s_period_ms;
     unsigned tick = 0;
@@ -344,7 +344,7 @@ static void *monitor_main(void *arg)
             /* Native mappings are counted by their resident pages, measured here (before
              * the snapshot, so a crossing they cause is seen by the RSS rule). Weak: the C
              * tests link no native hooks. */
-            if (mg_native_settle != NULL)
+            if (mg_native_settle_at != NULL)
                 monitor_settle(&st, sampled, tick, settle_every);
         }
         mg_acct_snapshot(&snap);

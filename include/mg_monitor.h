@@ -42,7 +42,8 @@ typedef struct mg_wire {
  * of statm, and one of the cgroup file when a cgroup limit is set). */
 #define MG_RSS_EVERY 5
 /* Native mappings (csrc/hooks_native.c, mg_native_settle) are measured at an RSS sample
- * only when RSS moved since they were last measured, or MG_SETTLE_MAX_MS passed: their
+ * only when RSS moved or a mapping came or went since they were last measured (by this
+ * thread or at a cell's end), or MG_SETTLE_MAX_MS passed: their
  * resident pages cannot grow without RSS growing, unless other memory shrank by as much at
  * the same time, which the bound covers. And no measure starts sooner than
  * MG_SETTLE_COST_RATIO times the last one's duration after it, so it takes at most about

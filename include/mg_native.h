@@ -29,6 +29,16 @@ int mg_native_uninstall(void);
  * being settled elsewhere are skipped). */
 void mg_native_settle(void);
 
+/* mg_native_settle, recording `rss` (bytes, read by the caller just before; -1 unknown) as
+ * the RSS the measure follows, for mg_native_settle_needed. Any thread, not from a hook. */
+void mg_native_settle_at(int64_t rss);
+
+/* 0 when a measure now would find nothing new: RSS (`rss`, bytes, just read) is what the
+ * last mg_native_settle_at followed and no mapping record was added, cut or removed since
+ * it began (resident pages of a mapping cannot grow without RSS growing, unless other
+ * memory shrank by as much in between); else 1. Any thread; relaxed. */
+int mg_native_settle_needed(int64_t rss);
+
 /* 1 when the native hooks are installed and hold at least one live mapping record (what
  * mg_native_settle would measure), else 0. Any thread; relaxed (a record added meanwhile
  * is measured by the next settle). */

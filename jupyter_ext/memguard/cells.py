@@ -145,7 +145,8 @@ def post_run_cell(result=None):
         cell.count = count
     # Native mappings are measured by the monitor at most every 10 ms, less often for
     # large arenas (csrc/monitor.c): measure them now, so the cell's figures include the
-    # pages it touched last (about 0.3 ms per GiB of mappings; nothing without any).
+    # pages it touched last (about 0.3 ms per GiB of mappings; a read of RSS when RSS has
+    # not moved since the last measure; nothing without any mapping).
     STATE.core.native_settle()
     drain()  # before the snapshot, which then includes what the cell's last alerts saw
     snap = coreview.snapshot(STATE.core)
