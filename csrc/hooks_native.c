@@ -102,8 +102,8 @@ static inline void native_count_alloc(size_t n, void *p)
  * counted (a file mapping, or one made before install, is not). A mapping is counted by its
  * resident pages, not its length: arena allocators (mimalloc in Arrow, jemalloc in polars)
  * map far more than they touch (measured, docs/design.md "Native memory"). The wrappers
- * count nothing at mmap time (fresh pages are not resident); mg_native_settle (the monitor
- * thread, every RSS sample) adds or takes off the difference between each mapping's
+ * count nothing at mmap time (fresh pages are not resident); mg_native_settle_at (the
+ * monitor thread at RSS samples, the end of a cell or task) adds or takes off the difference between each mapping's
  * resident bytes (mincore) and what it counted so far; munmap of a whole mapping takes its
  * counted bytes off at once. state: 0 free, 1 being edited by the thread that claimed it
  * (CAS), 2 live. Nobody waits: a record another thread is editing is skipped (settle tries
@@ -119,9 +119,9 @@ typedef struct map_rec {
     _Atomic int64_t counted;    /* bytes of this mapping in MG_DOMAIN_NATIVE now */
 } map_rec_t;
 static map_rec_t s_maps[MAP_RECORDS];
-/* Written by wrappers (relaxed RMW); read by stats and mg_native_settle (relaxed). */
+/* Written by wrappers (relaxed RMW); read by stats and maps_settle (relaxed). */
 static _Atomic long s_maps_live = 0;
-/* One past the highest record index ever claimed: mg_native_settle walks no further.
+/* One past the highest record index ever claimed: maps_settle walks no further.
  * Raised by map_claim_free (CAS loop, relaxed: a record it covers is published by the
  * record's own release store of state, which settle acquires); read by settle (relaxed).
  * Never lowered (maps_reset leaves it: the records above are free, state 0). */
@@ -203,7 +203,7 @@ static void map_publish(map_rec_t *r, uintptr_t start, uintptr_t end, uintptr_t 
 /* Mappings are not recorded as sites: an arena allocator's mapping holds many allocations,
  * or none yet (mimalloc reserves 1 GiB arenas in libarrow: recorded by length, one such
  * mapping made a 640 MB accumulation read 1.7 GB), so neither its length nor its line
- * describes an allocation. Their bytes still count (mg_native_settle), toward the budget
+ * describes an allocation. Their bytes still count (mg_native_settle_at), toward the budget
  * too; lines and accumulation come from the malloc family. Returns the site (always 0). */
 static uintptr_t map_site(void *p, size_t n)
 {
@@ -356,23 +356,8 @@ int mg_native_has_mappings(void)
            atomic_load_explicit(&s_maps_live, memory_order_relaxed) > 0;
 }
 
-int mg_native_settle_needed(int64_t rss)
-{
-    return rss < 0 || rss != atomic_load_explicit(&s_settled_rss, memory_order_relaxed) ||
-           atomic_load_explicit(&s_maps_gen, memory_order_relaxed) !=
-               atomic_load_explicit(&s_settled_gen, memory_order_relaxed);
-}
-
-void mg_native_settle_at(int64_t rss)
-{
-    unsigned long gen = atomic_load_explicit(&s_maps_gen, memory_order_relaxed);
-
-    mg_native_settle();
-    atomic_store_explicit(&s_settled_rss, rss, memory_order_relaxed);
-    atomic_store_explicit(&s_settled_gen, gen, memory_order_relaxed);
-}
-
-void mg_native_settle(void)
+/* The walk of mg_native_settle_at: each live record brought to its resident pages. */
+static void maps_settle(void)
 {
     int hwm;
 
@@ -403,6 +388,22 @@ void mg_native_settle(void)
         }
         atomic_store_explicit(&r->state, 2, memory_order_release);
     }
+}
+
+int mg_native_settle_needed(int64_t rss)
+{
+    return rss < 0 || rss != atomic_load_explicit(&s_settled_rss, memory_order_relaxed) ||
+           atomic_load_explicit(&s_maps_gen, memory_order_relaxed) !=
+               atomic_load_explicit(&s_settled_gen, memory_order_relaxed);
+}
+
+void mg_native_settle_at(int64_t rss)
+{
+    unsigned long gen = atomic_load_explicit(&s_maps_gen, memory_order_relaxed);
+
+    maps_settle();
+    atomic_store_explicit(&s_settled_rss, rss, memory_order_relaxed);
+    atomic_store_explicit(&s_settled_gen, gen, memory_order_relaxed);
 }
 
 /* Forget every record (install from an uninstalled state: the counters were reset, so

@@ -41,7 +41,7 @@ typedef struct mg_wire {
  * period): often enough to follow growth, rare enough to cost nothing measurable (a pread
  * of statm, and one of the cgroup file when a cgroup limit is set). */
 #define MG_RSS_EVERY 5
-/* Native mappings (csrc/hooks_native.c, mg_native_settle) are measured at an RSS sample
+/* Native mappings (csrc/hooks_native.c, mg_native_settle_at) are measured at an RSS sample
  * only when RSS moved or a mapping came or went since they were last measured (by this
  * thread or at a cell's end), or MG_SETTLE_MAX_MS passed: their
  * resident pages cannot grow without RSS growing, unless other memory shrank by as much at

@@ -23,14 +23,12 @@ int mg_native_install(void);
 /* Restore every patched slot; counting of native memory stops. Returns slots restored. */
 int mg_native_uninstall(void);
 
-/* Bring the native domain's mapping bytes to the mappings' resident pages (mincore): the
- * monitor thread calls it at every RSS sample. A crossing of the budget it causes is pushed
- * as an MG_KIND_BUDGET event with an unknown line. Any thread, not from a hook (records
- * being settled elsewhere are skipped). */
-void mg_native_settle(void);
-
-/* mg_native_settle, recording `rss` (bytes, read by the caller just before; -1 unknown) as
- * the RSS the measure follows, for mg_native_settle_needed. Any thread, not from a hook. */
+/* Bring the native domain's mapping bytes to the mappings' resident pages (mincore), and
+ * record `rss` (bytes, read by the caller just before; -1 unknown) as the RSS this measure
+ * follows, for mg_native_settle_needed. The monitor thread calls it at RSS samples, the end
+ * of a cell or task through core.native_settle. A crossing of the budget it causes is
+ * pushed as an MG_KIND_BUDGET event with an unknown line. Any thread, not from a hook
+ * (records being edited elsewhere are skipped). */
 void mg_native_settle_at(int64_t rss);
 
 /* 0 when a measure now would find nothing new: RSS (`rss`, bytes, just read) is what the
@@ -40,7 +38,7 @@ void mg_native_settle_at(int64_t rss);
 int mg_native_settle_needed(int64_t rss);
 
 /* 1 when the native hooks are installed and hold at least one live mapping record (what
- * mg_native_settle would measure), else 0. Any thread; relaxed (a record added meanwhile
+ * mg_native_settle_at would measure), else 0. Any thread; relaxed (a record added meanwhile
  * is measured by the next settle). */
 int mg_native_has_mappings(void);
 
