@@ -335,6 +335,11 @@ void mg_acct_get_limit(int64_t *bytes, int *measure, double *fraction)
     *fraction = (double)atomic_load_explicit(&s_limit_ppm, memory_order_relaxed) / 1e6;
 }
 
+MG_HOOKSAFE int mg_acct_request_over_limit(size_t n)
+{
+    return n >= MG_SMALL_REQUEST && over_limit(n, 0);
+}
+
 MG_HOOKSAFE mg_refusal_t mg_acct_check_request(size_t n)
 {
     cell_view_t v;
@@ -345,7 +350,7 @@ MG_HOOKSAFE mg_refusal_t mg_acct_check_request(size_t n)
      * (bench/overhead.py --callgrind, small_arrays: the limit's estimate was a third of
      * the hook's instructions). */
     if (!atomic_load_explicit(&s_raise, memory_order_relaxed))
-        return n >= MG_SMALL_REQUEST && over_limit(n, 0) ? MG_REFUSE_LIMIT : MG_REFUSE_NONE;
+        return mg_acct_request_over_limit(n) ? MG_REFUSE_LIMIT : MG_REFUSE_NONE;
     /* A read overlapping a cell start refuses nothing on the budget (never wrongly). */
     if (cell_read(&v) && v.budget > 0 && tracked_sum() - v.start + (int64_t)n > v.budget)
         return MG_REFUSE_BUDGET;

@@ -34,6 +34,25 @@ MG_HOOKSAFE void mg_hooks_push(uint32_t kind, int32_t line, int64_t bytes, int64
     (void)mg_ring_push(&ev); /* a full ring counts the drop itself */
 }
 
+/* Warn mode's answer to a request beyond the limit: one MG_KIND_LIMIT_REQUEST record per
+ * cell (the first request of the cell to be flagged wins the CAS). */
+static void flag_once(size_t n, int32_t line)
+{
+    int64_t epoch = mg_acct_epoch();
+    int64_t seen = atomic_load_explicit(&s_flagged_epoch, memory_order_relaxed);
+
+    if (seen != epoch && atomic_compare_exchange_strong_explicit(
+                             &s_flagged_epoch, &seen, epoch, memory_order_relaxed,
+                             memory_order_relaxed))
+        mg_hooks_push(MG_KIND_LIMIT_REQUEST, line, (int64_t)n, 0);
+}
+
+MG_HOOKSAFE MG_SLOWPATH void mg_hooks_flag_request(size_t n, int32_t (*line_of)(void))
+{
+    if (mg_acct_request_over_limit(n))
+        flag_once(n, line_of());
+}
+
 MG_HOOKSAFE MG_SLOWPATH int mg_hooks_refuse_slow(size_t n)
 {
     mg_refusal_t why;
@@ -44,13 +63,7 @@ MG_HOOKSAFE MG_SLOWPATH int mg_hooks_refuse_slow(size_t n)
         return 0;
     line = mg_frames_cell_line();
     if (why == MG_REFUSE_LIMIT && !mg_acct_raise()) {
-        int64_t epoch = mg_acct_epoch();
-        int64_t seen = atomic_load_explicit(&s_flagged_epoch, memory_order_relaxed);
-
-        if (seen != epoch && atomic_compare_exchange_strong_explicit(
-                                 &s_flagged_epoch, &seen, epoch, memory_order_relaxed,
-                                 memory_order_relaxed))
-            mg_hooks_push(MG_KIND_LIMIT_REQUEST, line, (int64_t)n, 0);
+        flag_once(n, line);
         return 0;
     }
     mg_acct_note_refusal(n, why, line);

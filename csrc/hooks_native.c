@@ -593,12 +593,35 @@ static inline void probe_mark(unsigned bit)
         t_mg.probe |= bit;
 }
 
+/* A request the handler would have judged reaches these un-nested while the handler's
+ * entries are NumPy's own (mg_hooks_numpy_refresh): warn mode's flag for a request beyond
+ * the limit is given here (the handler's wrappers, active in raise mode, judge and refuse
+ * there, and these run nested). Also for NumPy's other large requests (its buffers), which
+ * are allowed as before. */
+static inline void np_flag(size_t n)
+{
+    if (n >= MG_SMALL_REQUEST && mg_acct_enabled() && !mg_acct_raise())
+        mg_hooks_flag_request(n, native_line);
+}
+
+/* The same for a realloc to n bytes: its growth over the block's usable size. */
+static inline void np_flag_growth(void *ptr, size_t n)
+{
+    if (n >= MG_SMALL_REQUEST) {
+        size_t cur = ptr != NULL ? malloc_usable_size(ptr) : 0;
+
+        if (n > cur)
+            np_flag(n - cur);
+    }
+}
+
 /* The shared bodies: fn is the real function (the C library's, or CPython's RAW one). */
 static inline void *np_alloc(malloc_fn fn, size_t n)
 {
     if (t_mg.in_hook)
         return fn(n);
     int was = mg_reentry_enter();
+    np_flag(n);
     void *p = fn(n);
 
     probe_mark(MG_PROBE_MALLOC);
@@ -612,6 +635,8 @@ static inline void *np_zalloc(calloc_fn fn, size_t k, size_t n)
     if (t_mg.in_hook)
         return fn(k, n);
     int was = mg_reentry_enter();
+    if (n == 0 || k <= SIZE_MAX / n) /* an overflowing product fails in fn */
+        np_flag(k * n);
     void *p = fn(k, n);
 
     probe_mark(MG_PROBE_CALLOC);
@@ -645,6 +670,7 @@ static void *nat_realloc_np(void *ptr, size_t n)
     if (t_mg.in_hook)
         return r_realloc(ptr, n);
     probe_mark(MG_PROBE_REALLOC);
+    np_flag_growth(ptr, n);
     return realloc_common(ptr, n, 0, MG_DOMAIN_NUMPY);
 }
 
@@ -659,6 +685,8 @@ static void *raw_realloc_np(void *ptr, size_t n)
         return r_raw_realloc(ptr, n);
     int was = mg_reentry_enter();
     int count = mg_hooks_counting(was);
+
+    np_flag_growth(ptr, n);
     size_t old = mg_hooks_realloc_old(count, ptr);
     void *p = r_raw_realloc(ptr, n);
 

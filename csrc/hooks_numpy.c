@@ -108,6 +108,20 @@ static void np_free(void *ctx, void *ptr, size_t size)
         np_free_counted(prev, ptr, size);
 }
 
+/* NumPy calls a handler's entries through the handler struct at every call
+ * (PyDataMem_UserNEW and friends, numpy/_core/src/multiarray/alloc.c), so while the route
+ * is on outside raise mode (mg_hooks_numpy_refresh) malloc, realloc and free are NumPy's
+ * own default_malloc, default_realloc and default_free: a NumPy array then costs no call of
+ * memguard's handler, and the route's wrappers count what reaches malloc (small_arrays,
+ * bench/overhead.py --callgrind: the pass-through calls were a third of memguard's
+ * instructions). calloc stays memguard's: NumPy's default_calloc releases the GIL before it
+ * calls calloc, where a wrapper could no longer read the cell's line for a large block.
+ * Written by mg_hooks_numpy_refresh with the GIL held; read by NumPy with the GIL held (its
+ * default entries assert it: _npy_alloc_cache), so the GIL orders the two. Each store is a
+ * relaxed atomic one, and any mix of old and new entries is still safe: ctx stays
+ * &s_prev.allocator, which NumPy's default entries ignore (refresh checks the copy's own
+ * ctx is NULL, as NumPy's default handler's is), and a block is counted once at each end
+ * either way (by the handler's wrappers, which nest the route's, or by the route's). */
 static PyDataMem_Handler s_handler = {
     "memguard", /* name, as numpy.core.multiarray.get_handler_name() reports it */
     1,          /* version: NEP 49 handler layout 1 */
@@ -119,6 +133,30 @@ static PyDataMem_Handler s_handler = {
         np_free,           /* counts before the real free; passes NumPy's size on */
     },
 };
+
+/* Whether the handler's entries are NumPy's own now (s_handler). GIL held. */
+static int s_passing = 0;
+
+void mg_hooks_numpy_refresh(void)
+{
+    int pass = s_installed && atomic_load_explicit(&s_route, memory_order_relaxed) &&
+               !mg_acct_raise() && s_prev.allocator.ctx == NULL;
+
+    if (pass == s_passing)
+        return;
+    __atomic_store_n(&s_handler.allocator.malloc, pass ? s_prev.allocator.malloc : np_malloc,
+                     __ATOMIC_RELAXED);
+    __atomic_store_n(&s_handler.allocator.realloc,
+                     pass ? s_prev.allocator.realloc : np_realloc, __ATOMIC_RELAXED);
+    __atomic_store_n(&s_handler.allocator.free, pass ? s_prev.allocator.free : np_free,
+                     __ATOMIC_RELAXED);
+    s_passing = pass;
+}
+
+int mg_hooks_numpy_passing(void)
+{
+    return s_passing;
+}
 
 int mg_hooks_numpy_install(void)
 {
@@ -166,6 +204,7 @@ int mg_hooks_numpy_route(int on)
     void *p;
 
     atomic_store_explicit(&s_route, 0, memory_order_relaxed);
+    mg_hooks_numpy_refresh(); /* the handler's own entries again, before the probe */
     if (!on || !s_installed || !mg_native_installed())
         return 0;
     t_mg.probe = MG_PROBE_ARMED;
@@ -183,6 +222,7 @@ int mg_hooks_numpy_route(int on)
     if (bits != MG_PROBE_ALL)
         return 0;
     atomic_store_explicit(&s_route, 1, memory_order_relaxed);
+    mg_hooks_numpy_refresh();
     return 1;
 }
 

@@ -112,10 +112,11 @@ static PyObject *core_native_stats(PyObject *self, PyObject *unused)
     }
     if (failed == NULL)
         return NULL;
-    return Py_BuildValue("{sisisisisKsNsi}", "installed", mg_native_installed(),
+    return Py_BuildValue("{sisisisisKsNsisi}", "installed", mg_native_installed(),
                          "slots", st.slots, "objects", st.objects, "mappings", (int)st.mappings,
                          "map_dropped", (unsigned long long)st.map_dropped, "failed", failed,
-                         "numpy_route", mg_hooks_numpy_routed());
+                         "numpy_route", mg_hooks_numpy_routed(),
+                         "numpy_passing", mg_hooks_numpy_passing());
 }
 
 static int core_parse_budget(PyObject *obj, int64_t *out)
@@ -330,6 +331,7 @@ static PyObject *core_set_raise(PyObject *self, PyObject *arg)
     if (on < 0)
         return NULL;
     mg_acct_set_raise(on);
+    mg_hooks_numpy_refresh(); /* raise mode needs the handler's own entries */
     Py_RETURN_NONE;
 }
 
@@ -638,7 +640,9 @@ static PyMethodDef core_methods[] = {
      "native_stats() -> dict\n\ninstalled, slots (patched now), objects (scanned in the last "
      "pass), mappings (anonymous mappings counted), map_dropped, failed (names of objects "
      "that could not be patched), numpy_route (1 when NumPy's own malloc calls are counted "
-     "as NumPy data and its NEP 49 handler passes calls through outside raise mode)."},
+     "as NumPy data and its NEP 49 handler passes calls through outside raise mode), "
+     "numpy_passing (1 while that handler's malloc, realloc and free are NumPy's own "
+     "entries: the route on, outside raise mode)."},
     {"cell_begin", core_cell_begin, METH_VARARGS,
      "cell_begin(epoch: int, budget: int) -> int\n\nStart a cell: epoch > 0, budget in "
      "bytes (0 = none). Usage is measured from the tracked bytes at this moment. Returns the "

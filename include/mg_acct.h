@@ -116,6 +116,11 @@ MG_HOOKSAFE mg_refusal_t mg_acct_check_limit(size_t n);
  * (one relaxed load for a smaller one). Hook-safe. */
 MG_HOOKSAFE mg_refusal_t mg_acct_check_request(size_t n);
 
+/* Whether a request of n bytes is one warn mode flags: at least MG_SMALL_REQUEST, and it
+ * would leave less than the reserve under the limit (what mg_acct_check_request answers in
+ * warn mode, whatever the mode). Hook-safe. */
+MG_HOOKSAFE int mg_acct_request_over_limit(size_t n);
+
 /* The last refused request, for the MemoryError message: how many refusals so far (a
  * counter, so Python can tell a new one), its bytes, reason, line and epoch. Written by the
  * refusing hook (relaxed stores, count last with release); read by Python (acquire). */

@@ -28,6 +28,12 @@ MG_HOOKSAFE void mg_hooks_push(uint32_t kind, int32_t line, int64_t bytes, int64
  * refuse. Only for allocations whose callers handle NULL (NumPy raises MemoryError).
  * `was` as from mg_reentry_enter: nested calls are never refused. Hook-safe. */
 MG_HOOKSAFE MG_SLOWPATH int mg_hooks_refuse_slow(size_t n);
+
+/* Flag a request of n bytes as warn mode does (one MG_KIND_LIMIT_REQUEST record per cell,
+ * charged to line_of()) when mg_acct_request_over_limit(n); never refuses. For the NumPy
+ * route's wrappers (csrc/hooks_native.c), which see NumPy's requests while its handler's
+ * entries are NumPy's own (mg_hooks_numpy_refresh). Hook-safe. */
+MG_HOOKSAFE MG_SLOWPATH void mg_hooks_flag_request(size_t n, int32_t (*line_of)(void));
 MG_HOOKSAFE static inline int mg_hooks_refuse(int was, size_t n)
 {
     /* Inline, the common case: warn mode and a request below MG_SMALL_REQUEST, which
@@ -167,5 +173,14 @@ int mg_hooks_numpy_route(int on);
 
 /* 1 while the NumPy route is on. Any thread (relaxed). */
 int mg_hooks_numpy_routed(void);
+
+/* Point the "memguard" handler's malloc, realloc and free at NumPy's own entries while the
+ * route is on outside raise mode (NumPy's calls then reach no memguard code before the
+ * route's wrappers), at memguard's wrappers otherwise (csrc/hooks_numpy.c, s_handler).
+ * Called by mg_hooks_numpy_route and after every change of raise mode. GIL held. */
+void mg_hooks_numpy_refresh(void);
+
+/* 1 while the handler's entries are NumPy's own (mg_hooks_numpy_refresh). GIL held. */
+int mg_hooks_numpy_passing(void);
 
 #endif /* MEMGUARD_MG_HOOKS_H */

@@ -209,6 +209,41 @@ def test_small_arrays_are_counted_as_numpy_data_with_and_without_the_route(nativ
     assert 0 <= left <= 7 * 600, left
 
 
+HANDLER_STATE = (
+    IMPORT_GET_HANDLER_NAME
+    + "import memguard._core as core\n"
+    "print('STATE', core.native_stats()['numpy_passing'], get_handler_name())\n")
+
+
+def test_numpy_handler_passes_through_in_warn_mode_and_judges_in_raise_mode(kernel):
+    """Outside raise mode the "memguard" handler's malloc, realloc and free are NumPy's own
+    (the route's wrappers count), in raise mode memguard's (they refuse); either way a
+    large array is counted with its line and a kept one is NumPy data."""
+    def state():
+        ex = kernel.execute(HANDLER_STATE)
+        return ex.stdout.split("STATE ", 1)[1].split()
+
+    assert state() == ["1", "memguard"]
+    ex = kernel.execute("%%memguard 100MB\nimport numpy as np\n"
+                        "big = np.empty(40_000_000)  # 320 MB\nbig[:] = 1.0\n")
+    alert = ex.alerts_of("budget")[0][2]
+    assert alert["line"] == 3 and alert["bytes"] >= 320_000_000, alert
+    kernel.execute("%memguard mode raise")
+    assert state() == ["0", "memguard"]
+    ex = kernel.execute("%%memguard 100MB\nx = np.empty(40_000_000)\n", ok=False)
+    assert ex.error["ename"] == "MemoryError" and last_refused_line(ex) == 2
+    kernel.execute("%memguard mode warn")
+    assert state() == ["1", "memguard"]
+    ex = kernel.execute("import memguard._core as core\nbefore = core.snapshot()['numpy']\n"
+                        "del big\nprint('FREED', before - core.snapshot()['numpy'])\n")
+    freed = int(ex.stdout.split("FREED ", 1)[1].split()[0])
+    assert 320_000_000 <= freed <= 321_000_000, freed
+
+
+def last_refused_line(ex):
+    return [a[2] for a in ex.alerts_of("budget") if a[2].get("refused")][-1]["line"]
+
+
 @pytest.mark.parametrize("bad", ["budget -5MB", "budget abc", "budget", "budget 0.1", "budget 1e30",
                                  "budget 5XB", "bogus", "budget 'unclosed", "budget ½GB"])
 def test_bad_sizes_raise_usage_error_and_change_nothing(kernel, bad):

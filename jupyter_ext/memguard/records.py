@@ -145,7 +145,8 @@ def _on_limit_record(cell, rec):
     if rec.kind == core.KIND_LIMIT:  # bytes: the measure now
         line, used, request = _running_line(cell), rec.bytes, 0
     else:  # KIND_LIMIT_REQUEST, bytes: the request
-        line, used, request = rec.line, snap.used(measure), rec.bytes
+        # Line 0: a NumPy request flagged on the cell's thread without the GIL.
+        line, used, request = _site_line(cell, rec.line), snap.used(measure), rec.bytes
     alert = alerts.limit_alert(STATE, cell, line, used, measure.label, peak, budget, request)
     publish(cell, alert, CAUSE_LIMIT)
 
