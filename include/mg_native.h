@@ -47,14 +47,16 @@ int mg_native_has_mappings(void);
  * own and calls malloc, calloc, realloc and free for everything else (NumPy 2.5 and later:
  * CPython's PyMem_RawMalloc, PyMem_RawCalloc, PyMem_RawRealloc and PyMem_RawFree). The GOT
  * slots of those eight in NumPy's core module (_multiarray_umath) get variant 2 of
- * memguard's wrappers, which count into MG_DOMAIN_NUMPY. Once a probe showed that NumPy's handler reaches them
- * (mg_hooks_numpy_route), the "memguard" handler passes NumPy's calls through and these
- * count what NumPy takes from and gives back to malloc; a block in NumPy's cache counts
- * as NumPy's, which it is for RSS. Then a small array costs no hook at all when NumPy's
- * cache serves it (small_arrays, bench/overhead.py --callgrind). A request the handler
- * judges (raise mode, or MG_SMALL_REQUEST bytes and more: mg_hooks_refuse) is counted by
- * the handler itself, as without the route, and these pass it through, nested. Bits a
- * variant-2 wrapper sets in t_mg.probe while the probe has it armed: */
+ * memguard's wrappers, which count into MG_DOMAIN_NUMPY. Once a probe showed that NumPy's
+ * handler reaches them (mg_hooks_numpy_route), the "memguard" handler's malloc, realloc
+ * and free entries are NumPy's own outside raise mode (mg_hooks_numpy_refresh), and these
+ * count what NumPy takes from and gives back to malloc and flag a request beyond the limit
+ * as warn mode does; a block in NumPy's cache counts as NumPy's, which it is for RSS. Then
+ * a small array costs no hook at all when NumPy's cache serves it (small_arrays,
+ * bench/overhead.py --callgrind). What the handler's own wrappers still judge (every
+ * request in raise mode; a calloc of MG_SMALL_REQUEST bytes and more) they count
+ * themselves, and these pass it through, nested. Bits a variant-2 wrapper sets in
+ * t_mg.probe while the probe has it armed: */
 #define MG_PROBE_ARMED 1u
 #define MG_PROBE_MALLOC 2u
 #define MG_PROBE_CALLOC 4u
