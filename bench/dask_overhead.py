@@ -11,7 +11,8 @@ side, each with its own cluster (``--serve``), and each round of a workload on o
 followed at once by a round on the other, in the order AB, BA, AB, ... Each pair of
 neighbouring rounds gives a ratio (memguard / plain), and a workload's figure is the median
 of its pairs' ratios, pooled over ``--cluster-pairs`` pairs of drivers, printed with the
-95 % confidence interval of that median (median_ci) and the middle half of the ratios. On a shared 2-core machine the speed drifts by up to 13 % within
+95 % interval of that median (median_ci: a bootstrap over the pairs of drivers and the
+pairs within them) and the middle half of the ratios. On a shared 2-core machine the speed drifts by up to 13 % within
 minutes (bench/overhead.py, paired_bench) and two clusters differ by the way they place
 chunks on their workers, so separate clusters minutes apart could not resolve the 3 %
 target: one plain cluster's best reduction round was 1.26 s, the next one's 2.20 s
@@ -190,21 +191,27 @@ class Driver:
             self.stderr.close()
 
 
-def median_ci(ratios):
-    """The 95 % confidence interval of the median of ``ratios`` (percentile bootstrap,
-    scipy.stats.bootstrap, 2000 resamples, fixed seed); [median, median] for fewer than
-    two ratios. What the figure can tell apart from the target: a pair of rounds here
-    spreads by about +-10 %, so 24 pairs give an interval about 8 % wide and 144 pairs about
-    4 % (2026-12-03)."""
+def median_ci(groups, resamples=2000):
+    """The 95 % interval of the median of the ratios in ``groups`` (one list of pair ratios
+    per pair of drivers), by a two-level percentile bootstrap: resample the pairs of
+    drivers, then the pairs of rounds within each (numpy, fixed seed). Pairs of one pair of
+    drivers share its clusters' placement and layout, so resampling the pairs alone gave
+    intervals that two runs of the same build missed each other by (reduction 0.978-1.012
+    and 1.013-1.045, 2026-12-03). [median, median] for fewer than two ratios."""
     import numpy as np
-    from scipy import stats
 
-    if len(ratios) < 2:
-        return [ratios[0], ratios[0]]
-    res = stats.bootstrap((np.asarray(ratios),), np.median, n_resamples=2000,
-                          confidence_level=0.95, method="percentile",
-                          random_state=np.random.default_rng(0))
-    return [float(res.confidence_interval.low), float(res.confidence_interval.high)]
+    groups = [np.asarray(g, dtype=float) for g in groups if len(g)]
+    flat = np.concatenate(groups) if groups else np.asarray([1.0])
+    if len(flat) < 2:
+        return [float(flat[0]), float(flat[0])]
+    rng = np.random.default_rng(0)
+    medians = []
+    for _ in range(resamples):
+        picked = rng.integers(0, len(groups), len(groups))
+        medians.append(np.median(np.concatenate(
+            [rng.choice(groups[k], len(groups[k])) for k in picked])))
+    low, high = np.percentile(medians, [2.5, 97.5])
+    return [float(low), float(high)]
 
 
 def verdict(row):
@@ -221,6 +228,7 @@ def paired(names, quick, cluster_pairs, reps, n_workers=2):
     import tempfile
 
     ratios = {n: [] for n in names}
+    by_driver_pair = {n: [] for n in names}
     walls = {(n, c): [] for n in names for c in ("plain", "memguard")}
     cpu = {(n, c): 0.0 for n in names for c in ("plain", "memguard")}
     t_start = time.monotonic()
@@ -231,6 +239,7 @@ def paired(names, quick, cluster_pairs, reps, n_workers=2):
                 for c in ("plain", "memguard"):
                     drivers[c] = Driver(c, quick, tmp, n_workers)
                 for name in names:
+                    by_driver_pair[name].append([])
                     for c in drivers:
                         drivers[c].run(name)  # warm-up, not counted
                     for i in range(reps):
@@ -240,6 +249,7 @@ def paired(names, quick, cluster_pairs, reps, n_workers=2):
                             walls[(name, c)].append(got[c][0])
                             cpu[(name, c)] += got[c][1]
                         ratios[name].append(got["memguard"][0] / got["plain"][0])
+                        by_driver_pair[name][-1].append(ratios[name][-1])
             finally:
                 for d in drivers.values():
                     d.finish()
@@ -250,7 +260,9 @@ def paired(names, quick, cluster_pairs, reps, n_workers=2):
         r = sorted(ratios[name])
         q = statistics.quantiles(r, n=4) if len(r) >= 2 else [r[0], r[0], r[0]]
         table[name] = {"ratio": statistics.median(r), "pair_ratios": r,
-                       "middle_half": [q[0], q[2]], "median_ci95": median_ci(r),
+                       "middle_half": [q[0], q[2]],
+                       "median_ci95": median_ci(by_driver_pair[name]),
+                       "by_driver_pair": by_driver_pair[name],
                        "plain_s": statistics.median(walls[(name, "plain")]),
                        "walls": {c: walls[(name, c)] for c in ("plain", "memguard")},
                        "plain_cpu_total_s": cpu[(name, "plain")],
@@ -454,9 +466,10 @@ def main(argv=None):
             parser.error("--rounds and --blocks must be at least 1")
         callgrind_main(make_workloads(True), rounds, blocks)
         return
-    # 144 pairs per workload: a pair spreads by about +-10 % here, and the median's 95 %
-    # interval is then about 4 % wide (about 8 % with 24 pairs), narrow enough to tell 1.03
-    # from 1.00; about 14 minutes (2026-12-03).
+    # 144 pairs per workload, from 6 pairs of drivers: a pair spreads by about +-10 % here,
+    # and one pair of drivers' median from the next by about 3 %; the median's 95 %
+    # interval is then about 4-6 % wide (8 % and more with 24 pairs); about 14 minutes
+    # (2026-12-03).
     reps = args.reps if args.reps is not None else (4 if args.quick else 24)
     pairs = args.cluster_pairs if args.cluster_pairs is not None else (1 if args.quick else 6)
     if reps < 1 or pairs < 1:
