@@ -164,3 +164,10 @@ def kernel(bare_kernel):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "stack: needs the pinned PyPI stack (anndata, nbclient 0.11)")
+
+
+def last_alert(ex, kind):
+    """The last alert of ``kind`` an execution got (its data dict); fails when it got none."""
+    found = ex.alerts_of(kind)
+    assert found, f"no {kind} alert; got {[a[2]['kind'] for a in ex.alerts]}"
+    return found[-1][2]

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from conftest import ALERT_MIME, IMPORT_GET_HANDLER_NAME, TIMEOUT, Kernel
+from conftest import ALERT_MIME, IMPORT_GET_HANDLER_NAME, TIMEOUT, Kernel, last_alert
 
 
 def test_loading_prints_one_line_with_limit_budget_and_mode(bare_kernel):
@@ -231,17 +231,14 @@ def test_numpy_handler_passes_through_in_warn_mode_and_judges_in_raise_mode(kern
     kernel.execute("%memguard mode raise")
     assert state() == ["0", "memguard"]
     ex = kernel.execute("%%memguard 100MB\nx = np.empty(40_000_000)\n", ok=False)
-    assert ex.error["ename"] == "MemoryError" and last_refused_line(ex) == 2
+    refused = last_alert(ex, "budget")
+    assert ex.error["ename"] == "MemoryError" and refused["refused"] and refused["line"] == 2
     kernel.execute("%memguard mode warn")
     assert state() == ["1", "memguard"]
     ex = kernel.execute("import memguard._core as core\nbefore = core.snapshot()['numpy']\n"
                         "del big\nprint('FREED', before - core.snapshot()['numpy'])\n")
     freed = int(ex.stdout.split("FREED ", 1)[1].split()[0])
     assert 320_000_000 <= freed <= 321_000_000, freed
-
-
-def last_refused_line(ex):
-    return [a[2] for a in ex.alerts_of("budget") if a[2].get("refused")][-1]["line"]
 
 
 @pytest.mark.parametrize("bad", ["budget -5MB", "budget abc", "budget", "budget 0.1", "budget 1e30",

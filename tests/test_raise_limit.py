@@ -7,16 +7,12 @@ import time
 
 import pytest
 
-from conftest import Kernel
+from conftest import Kernel, last_alert
 
 GB = 10**9
 AS_LIMIT = 6 * 2**30  # prlimit --as for the limited kernel
 
 
-def last_alert(ex, kind):
-    found = ex.alerts_of(kind)
-    assert found, f"no {kind} alert; got {[a[2]['kind'] for a in ex.alerts]}"
-    return found[-1][2]
 
 
 @pytest.fixture
