@@ -95,20 +95,25 @@ def test_kernel_under_rlimit_reports_rlimit_and_survives_8GB_request(limited_ker
 def test_limit_alert_fires_past_its_fraction_of_the_limit(limited_kernel):
     k = limited_kernel
     # np.empty reserves address space (what RLIMIT_AS limits) without touching the pages.
-    # The cell waits (on line 6, at most 30 s) until memguard has recorded the alert, so
-    # the monitor's sampling is not raced by the end of the cell.
-    ex = k.execute("import numpy as np, time, memguard._core as core\n"
-                   "from memguard._state import STATE\n"
+    # The reservation and the wait for memguard's alert share line 4 (the wait is a function
+    # of an earlier cell, so the cell's own frame stays on line 4), so whenever the monitor
+    # samples after the reservation, the running line is 4; the wait (at most 30 s) keeps the
+    # cell from ending before the monitor has sampled.
+    k.execute("import time\n"
+              "from memguard._state import STATE\n"
+              "def wait_for_alert(kind, seconds=30):\n"
+              "    deadline = time.monotonic() + seconds\n"
+              "    while time.monotonic() < deadline and not any("
+              "a['kind'] == kind for a in STATE.current.alerts): time.sleep(0.005)\n")
+    ex = k.execute("import numpy as np, memguard._core as core\n"
+                   "\n"
                    f"need = int(0.92 * {AS_LIMIT}) - core.snapshot()['vm']\n"
-                   "reserve = np.empty(need // 8)\n"
-                   "deadline = time.monotonic() + 30\n"
-                   "while time.monotonic() < deadline and not any("
-                   "a['kind'] == 'limit' for a in STATE.current.alerts): time.sleep(0.005)\n")
+                   "reserve = np.empty(need // 8); wait_for_alert('limit')\n")
     alert = last_alert(ex, "limit")
     assert alert["measure"] == "address space" and alert["request_bytes"] == 0
     assert alert["used_bytes"] >= 0.9 * AS_LIMIT
     # The monitor, which reads no frames, saw the measure: the line is the one running then.
-    assert alert["cell"] == ex.execution_count and alert["line"] == 6
+    assert alert["cell"] == ex.execution_count and alert["line"] == 4
     assert "90%" in alert["message"] or "91%" in alert["message"] or "92%" in alert["message"]
     # Once the memory is given back and the monitor has sampled it (the cell that frees
     # waits for that sample; a sample taken before its `del` ran may still alert in that
