@@ -22,7 +22,7 @@ ASAN := -fsanitize=address,undefined -fno-omit-frame-pointer
 # The C units that need no Python: they are what the TAP tests link.
 C_ENGINE := csrc/ring.c csrc/acct.c csrc/batch.c csrc/monitor.c csrc/reentry.c csrc/sites.c csrc/measures.c \
 	csrc/zmqlib.c \
-	csrc/blackbox.c csrc/elf_patch.c
+	csrc/blackbox.c csrc/elf_patch.c csrc/usable.c
 C_TESTS := $(patsubst tests/t-%.c,tests/bin/t-%,$(wildcard tests/t-*.c))
 PYSRC := $(wildcard jupyter_ext/memguard/*.py)
 CSRC := $(wildcard csrc/*.c include/*.h)

@@ -123,7 +123,7 @@ MG_HOOKSAFE size_t mg_hooks_realloc_old(int count, void *ptr)
 
     if (!count || ptr == NULL)
         return 0;
-    old = malloc_usable_size(ptr);
+    old = mg_usable_size(ptr);
     /* The old block leaves its site now, before the real realloc can hand its address to
      * another thread. A realloc that then fails keeps the block without a site; it is
      * still counted in bytes. */
@@ -139,7 +139,7 @@ MG_HOOKSAFE void mg_hooks_after_realloc(int count, mg_domain_t d, size_t old, vo
     if (p == NULL || !count)
         return;
     mg_hooks_free_bytes(d, old);
-    mg_hooks_count_alloc(d, malloc_usable_size(p), p);
+    mg_hooks_count_alloc(d, mg_usable_size(p), p);
 }
 
 MG_HOOKSAFE void *mg_hooks_realloc(mg_domain_t d, int (*refuse)(int was, size_t n),
@@ -148,7 +148,7 @@ MG_HOOKSAFE void *mg_hooks_realloc(mg_domain_t d, int (*refuse)(int was, size_t 
 {
     int was = mg_reentry_enter();
     int count = mg_hooks_counting(was);
-    size_t cur = (count && ptr != NULL) ? malloc_usable_size(ptr) : 0;
+    size_t cur = (count && ptr != NULL) ? mg_usable_size(ptr) : 0;
     size_t old;
     void *p;
 

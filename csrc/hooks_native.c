@@ -430,7 +430,7 @@ static inline int native_refuse(int was, size_t n)
 static inline void count_alloc(int was, void *p)
 {
     if (p != NULL && !was && mg_acct_enabled())
-        native_count_alloc(malloc_usable_size(p), p);
+        native_count_alloc(mg_usable_size(p), p);
 }
 #define COUNT_ALLOC(was, p) count_alloc((was), (p))
 
@@ -438,18 +438,66 @@ static inline void count_alloc(int was, void *p)
 static inline void count_alloc_np(int was, void *p)
 {
     if (p != NULL && !was && mg_acct_enabled())
-        mg_hooks_count_alloc_at(MG_DOMAIN_NUMPY, malloc_usable_size(p), p, native_line);
+        mg_hooks_count_alloc_at(MG_DOMAIN_NUMPY, mg_usable_size(p), p, native_line);
+}
+
+/* ---- the common path on glibc's malloc ----------------------------------------------
+ * With glibc's malloc family below (mg_usable_glibc), the real call needs no guard (nothing
+ * in it reaches a hook) and a block's size is read from its chunk header, so malloc and
+ * free count a small block in a few instructions and call the real function last, as a
+ * tail call where the compiler can (sqlite's row-sized blocks: bench/overhead.py
+ * --callgrind, sqlite_insert). A block of at least the threshold, or a full batch, takes
+ * the counting's slow path with the guard held, as every other path does. */
+
+static MG_SLOWPATH void count_alloc_slow_guarded(size_t n, void *p)
+{
+    int was = mg_reentry_enter();
+
+    mg_hooks_count_alloc_slow(MG_DOMAIN_NATIVE, n, p, native_line);
+    mg_reentry_leave(was);
+}
+
+static MG_SLOWPATH void count_free_slow_guarded(size_t n, void *p)
+{
+    int was = mg_reentry_enter();
+
+    mg_hooks_count_free(MG_DOMAIN_NATIVE, n, p);
+    mg_reentry_leave(was);
+}
+
+/* Count p (not NULL, just allocated) on the glibc path. */
+static inline void glibc_count_alloc(void *p)
+{
+    if (mg_acct_enabled()) {
+        size_t n = mg_usable_from_header(p);
+
+        if (n >= mg_sites_threshold() || !mg_batch_alloc(MG_DOMAIN_NATIVE, n))
+            count_alloc_slow_guarded(n, p);
+    }
+}
+
+/* malloc under another allocator: the guard held across the real call. Out of line, so
+ * that nat_malloc's glibc path saves no more registers than it uses. */
+static __attribute__((noinline)) void *nat_malloc_guarded(size_t n)
+{
+    int was = mg_reentry_enter();
+    void *p = r_malloc(n);
+
+    COUNT_ALLOC(was, p);
+    mg_reentry_leave(was);
+    return p;
 }
 
 static void *nat_malloc(size_t n)
 {
     if (t_mg.in_hook) /* nested in another memguard hook (PyMem RAW, NEP 49): a tail call */
         return r_malloc(n);
-    int was = mg_reentry_enter();
+    if (!mg_usable_glibc())
+        return nat_malloc_guarded(n);
     void *p = r_malloc(n);
 
-    COUNT_ALLOC(was, p);
-    mg_reentry_leave(was);
+    if (p != NULL)
+        glibc_count_alloc(p);
     return p;
 }
 
@@ -485,6 +533,13 @@ static void *nat_calloc(size_t k, size_t n)
 {
     if (t_mg.in_hook)
         return r_calloc(k, n);
+    if (mg_usable_glibc()) { /* calloc is rarer: one function for both paths */
+        void *p = r_calloc(k, n);
+
+        if (p != NULL)
+            glibc_count_alloc(p);
+        return p;
+    }
     int was = mg_reentry_enter();
     void *p = r_calloc(k, n);
 
@@ -514,7 +569,7 @@ static void *realloc_common(void *ptr, size_t n, int refusing, mg_domain_t d)
     void *p;
 
     if (refusing && count && ptr != NULL) {
-        size_t cur = malloc_usable_size(ptr);
+        size_t cur = mg_usable_size(ptr);
 
         if (n > cur && refused(was, n - cur))
             return NULL; /* the old block stays valid */
@@ -530,7 +585,7 @@ static void *realloc_common(void *ptr, size_t n, int refusing, mg_domain_t d)
     } else if (p != NULL && count) {
         /* free(old) + alloc(new); the old block's site was settled by realloc_old */
         mg_hooks_free_bytes(d, old);
-        mg_hooks_count_alloc_at(d, malloc_usable_size(p), p, native_line);
+        mg_hooks_count_alloc_at(d, mg_usable_size(p), p, native_line);
     }
     mg_reentry_leave(was);
     return p;
@@ -566,6 +621,16 @@ static void *nat_reallocarray_r(void *ptr, size_t k, size_t n)
     return realloc_common(ptr, k * n, 1, MG_DOMAIN_NATIVE);
 }
 
+/* free under another allocator (nat_malloc_guarded's twin). */
+static __attribute__((noinline)) void nat_free_guarded(void *ptr)
+{
+    int was = mg_reentry_enter();
+
+    mg_hooks_before_free(was, MG_DOMAIN_NATIVE, ptr); /* before the real free */
+    r_free(ptr);
+    mg_reentry_leave(was);
+}
+
 static void nat_free(void *ptr)
 {
     if (ptr == NULL) /* free(NULL) does nothing (C11 7.22.3.3) */
@@ -574,11 +639,17 @@ static void nat_free(void *ptr)
         r_free(ptr);
         return;
     }
-    int was = mg_reentry_enter();
+    if (!mg_usable_glibc()) {
+        nat_free_guarded(ptr);
+        return;
+    }
+    if (mg_acct_enabled()) { /* before the real free: the address cannot be reused */
+        size_t n = mg_usable_from_header(ptr);
 
-    mg_hooks_before_free(was, MG_DOMAIN_NATIVE, ptr); /* before the real free */
+        if (n >= mg_sites_threshold() || !mg_batch_free(MG_DOMAIN_NATIVE, n))
+            count_free_slow_guarded(n, ptr);
+    }
     r_free(ptr);
-    mg_reentry_leave(was);
 }
 
 /* ---- NumPy's own calls (variant 2: the NumPy route, mg_native.h) -------------------------
@@ -608,7 +679,7 @@ static inline void np_flag(size_t n)
 static inline void np_flag_growth(void *ptr, size_t n)
 {
     if (n >= MG_SMALL_REQUEST) {
-        size_t cur = ptr != NULL ? malloc_usable_size(ptr) : 0;
+        size_t cur = ptr != NULL ? mg_usable_size(ptr) : 0;
 
         if (n > cur)
             np_flag(n - cur);

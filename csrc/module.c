@@ -112,11 +112,12 @@ static PyObject *core_native_stats(PyObject *self, PyObject *unused)
     }
     if (failed == NULL)
         return NULL;
-    return Py_BuildValue("{sisisisisKsNsisi}", "installed", mg_native_installed(),
+    return Py_BuildValue("{sisisisisKsNsisisi}", "installed", mg_native_installed(),
                          "slots", st.slots, "objects", st.objects, "mappings", (int)st.mappings,
                          "map_dropped", (unsigned long long)st.map_dropped, "failed", failed,
                          "numpy_route", mg_hooks_numpy_routed(),
-                         "numpy_passing", mg_hooks_numpy_passing());
+                         "numpy_passing", mg_hooks_numpy_passing(),
+                         "usable_header", mg_usable_init());
 }
 
 static int core_parse_budget(PyObject *obj, int64_t *out)
@@ -761,6 +762,7 @@ PyMODINIT_FUNC PyInit__core(void)
         return NULL;
     if (!initialized) {
         mg_ring_reset();
+        (void)mg_usable_init(); /* before any hook can measure a block */
         if (mg_monitor_atfork_register() != 0 || Py_AtExit(core_atexit) < 0) {
             PyErr_SetString(PyExc_RuntimeError, "memguard: could not register fork/exit handlers");
             Py_DECREF(m);

@@ -12,6 +12,7 @@
 #include "mg_batch.h"
 #include "mg_frames.h"
 #include "mg_sites.h"
+#include "mg_usable.h"
 
 #include "memguard.h"
 
@@ -58,7 +59,7 @@ MG_HOOKSAFE static inline int mg_hooks_refuse_heap(int was, size_t n)
 }
 
 /* The counting step of every hook, for a block p of n bytes in domain d (n as measured:
- * malloc_usable_size, or the size CPython passes for an arena). A block below the
+ * mg_usable_size, or the size CPython passes for an arena). A block below the
  * attribution threshold (mg_sites_threshold) goes into this thread's batch (mg_batch.h):
  * a few thread-local instructions, the common case. A block of at least the threshold is
  * counted at once, attributed to the line line_of() returns (mg_frames_cell_line; the
@@ -98,21 +99,21 @@ MG_HOOKSAFE static inline void mg_hooks_count_free(mg_domain_t d, size_t n, void
 
 /* The counting rule every malloc-backed wrapper follows, in one place. `was` is what
  * mg_reentry_enter returned: a nested call (was != 0) or disabled counting counts nothing.
- * Blocks are measured with malloc_usable_size on both ends, so alloc and free always agree
- * even when a caller's size arguments drift (docs/design.md, Allocator hooks: exact against mallinfo2);
- * that needs the allocator below to hand out malloc'd pointers. All hook-safe. */
+ * Blocks are measured with mg_usable_size (malloc_usable_size's figure, include/mg_usable.h)
+ * on both ends, so alloc and free always agree even when a caller's size arguments drift
+ * (docs/design.md, Allocator hooks: exact against mallinfo2); that needs the allocator below to hand out malloc'd pointers. All hook-safe. */
 MG_HOOKSAFE static inline void mg_hooks_after_alloc(int was, mg_domain_t d, void *p)
 {
     /* p may be NULL */
     if (p != NULL && !was && mg_acct_enabled())
-        mg_hooks_count_alloc(d, malloc_usable_size(p), p);
+        mg_hooks_count_alloc(d, mg_usable_size(p), p);
 }
 
 MG_HOOKSAFE static inline void mg_hooks_before_free(int was, mg_domain_t d, void *ptr)
 {
     /* ptr may be NULL */
     if (ptr != NULL && !was && mg_acct_enabled())
-        mg_hooks_count_free(d, malloc_usable_size(ptr), ptr);
+        mg_hooks_count_free(d, mg_usable_size(ptr), ptr);
 }
 
 /* For realloc, decided once so the old and new blocks are counted alike even if counting is
