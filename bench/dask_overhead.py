@@ -11,7 +11,7 @@ side, each with its own cluster (``--serve``), and each round of a workload on o
 followed at once by a round on the other, in the order AB, BA, AB, ... Each pair of
 neighbouring rounds gives a ratio (memguard / plain), and a workload's figure is the median
 of its pairs' ratios, pooled over ``--cluster-pairs`` pairs of drivers, printed with the
-95 % interval of that median (median_ci: a bootstrap over the pairs of drivers and the
+95 % interval of that median (paired_stats.median_ci: a bootstrap over the pairs of drivers and the
 pairs within them) and the middle half of the ratios. On a shared 2-core machine the speed drifts by up to 13 % within
 minutes (bench/overhead.py, paired_bench) and two clusters differ by the way they place
 chunks on their workers, so separate clusters minutes apart could not resolve the 3 %
@@ -47,6 +47,8 @@ import subprocess
 import sys
 import time
 import warnings
+
+import paired_stats
 
 TARGET = 1.03
 
@@ -191,33 +193,9 @@ class Driver:
             self.stderr.close()
 
 
-def median_ci(groups, resamples=2000):
-    """The 95 % interval of the median of the ratios in ``groups`` (one list of pair ratios
-    per pair of drivers), by a two-level percentile bootstrap: resample the pairs of
-    drivers, then the pairs of rounds within each (numpy, fixed seed). Pairs of one pair of
-    drivers share its clusters' placement and layout, so resampling the pairs alone gave
-    intervals that two runs of the same build missed each other by (reduction 0.978-1.012
-    and 1.013-1.045, 2026-12-03). [median, median] for fewer than two ratios."""
-    import numpy as np
-
-    groups = [np.asarray(g, dtype=float) for g in groups if len(g)]
-    flat = np.concatenate(groups) if groups else np.asarray([1.0])
-    if len(flat) < 2:
-        return [float(flat[0]), float(flat[0])]
-    rng = np.random.default_rng(0)
-    medians = []
-    for _ in range(resamples):
-        picked = rng.integers(0, len(groups), len(groups))
-        medians.append(np.median(np.concatenate(
-            [rng.choice(groups[k], len(groups[k])) for k in picked])))
-    low, high = np.percentile(medians, [2.5, 97.5])
-    return [float(low), float(high)]
-
-
 def verdict(row):
-    """``met``, ``above`` or ``not resolved`` (the interval holds the target)."""
-    low, high = row["median_ci95"]
-    return "met" if high <= TARGET else "above" if low > TARGET else "not resolved"
+    """``met``, ``above`` or ``not resolved`` (paired_stats.verdict) against TARGET."""
+    return paired_stats.verdict(row["median_ci95"], TARGET)
 
 
 def paired(names, quick, cluster_pairs, reps, n_workers=2):
@@ -261,7 +239,7 @@ def paired(names, quick, cluster_pairs, reps, n_workers=2):
         q = statistics.quantiles(r, n=4) if len(r) >= 2 else [r[0], r[0], r[0]]
         table[name] = {"ratio": statistics.median(r), "pair_ratios": r,
                        "middle_half": [q[0], q[2]],
-                       "median_ci95": median_ci(by_driver_pair[name]),
+                       "median_ci95": paired_stats.median_ci(by_driver_pair[name]),
                        "by_driver_pair": by_driver_pair[name],
                        "plain_s": statistics.median(walls[(name, "plain")]),
                        "walls": {c: walls[(name, c)] for c in ("plain", "memguard")},
