@@ -14,7 +14,8 @@ of its pairs' ratios, pooled over ``--cluster-pairs`` pairs of drivers, printed 
 95 % interval of that median (paired_stats.median_ci: a bootstrap over the pairs of drivers and the
 pairs within them) and the middle half of the ratios. On a shared 2-core machine the speed drifts by up to 13 % within
 minutes (bench/overhead.py, paired_bench) and two clusters differ by the way they place
-chunks on their workers, so separate clusters minutes apart could not resolve the 3 %
+chunks on their workers (the group-by's partitions are therefore placed alike on every
+cluster: dataframe_groupby), so separate clusters minutes apart could not resolve the 3 %
 target: one plain cluster's best reduction round was 1.26 s, the next one's 2.20 s
 (2026-12-03). The target is a median of at most 1.03 (README, "Dask"), reported, not
 asserted: "met" when the whole interval is at or below it, "above" when the whole interval
@@ -62,18 +63,28 @@ def array_reduction(n, chunk):
 
 
 def dataframe_groupby(rows, partitions):
-    """A group-by: per-key mean and count of a random frame of ``rows`` rows."""
+    """A group-by: per-key mean and count of a random frame of ``rows`` rows, in
+    ``partitions`` partitions placed on the workers in turn (sorted by address), so that
+    every cluster holds the same number on each worker. Left to ``persist``, the placement
+    differed from one cluster to the next (8/8 to 2/14 of 16 partitions on two workers,
+    2026-12-03) and a round on a lopsided cluster took longer: a pair of drivers whose two
+    clusters were placed differently kept that difference in all its rounds (pairs of
+    drivers' medians 0.915-1.193 in one run)."""
     import dask.dataframe as dd
     import numpy as np
     import pandas as pd
+    from distributed import get_client, wait
 
     rng = np.random.default_rng(0)
     pdf = pd.DataFrame({"key": rng.integers(0, 1000, rows), "a": rng.random(rows),
                         "b": rng.random(rows)})
-    from distributed import wait
-
-    df = dd.from_pandas(pdf, npartitions=partitions).persist()
-    wait(df)  # the rounds time the group-by, not the upload
+    client = get_client()
+    workers = sorted(client.scheduler_info()["workers"])
+    bounds = np.linspace(0, rows, partitions + 1).astype(int)
+    parts = [client.scatter(pdf.iloc[bounds[i]:bounds[i + 1]], workers=[workers[i % len(workers)]])
+             for i in range(partitions)]
+    wait(parts)  # the rounds time the group-by, not the upload
+    df = dd.from_delayed(parts, meta=pdf.iloc[:0], verify_meta=False)
     return lambda: df.groupby("key").agg({"a": "mean", "b": "count"}).compute()
 
 
