@@ -401,3 +401,36 @@ void mg_elf_reset(void)
     s_objects = 0;
     pthread_mutex_unlock(&s_lock);
 }
+
+/* The definition of `name` that calls bind to, and in *alias the canonical PLT entry that
+ * stands for it when the program is not position-independent (include/mg_elf.h), else NULL.
+ * dlsym(RTLD_DEFAULT) gives that entry there: an undefined symbol of the program with a
+ * value. The definition is then the first one in the objects after the program, in load
+ * order (as the dynamic linker searches; an LD_PRELOAD allocator comes first). Calling the
+ * entry instead would loop once the program's own slot is patched. */
+void *mg_elf_definition(const char *name, void **alias)
+{
+    void *d = dlsym(RTLD_DEFAULT, name);
+    const ElfW(Sym) *sym = NULL;
+    struct link_map *lm = NULL;
+    Dl_info info;
+
+    *alias = NULL;
+    if (d == NULL || !dladdr1(d, &info, (void **)&sym, RTLD_DL_SYMENT) || sym == NULL ||
+        sym->st_shndx != SHN_UNDEF || !dladdr1(d, &info, (void **)&lm, RTLD_DL_LINKMAP) ||
+        lm == NULL)
+        return d;
+    for (struct link_map *m = lm->l_next; m != NULL; m = m->l_next) {
+        struct link_map *owner = NULL;
+        void *h = m->l_name[0] ? dlopen(m->l_name, RTLD_LAZY | RTLD_NOLOAD) : NULL;
+        void *a = h ? dlsym(h, name) : NULL;
+
+        if (h != NULL)
+            dlclose(h);
+        if (a != NULL && dladdr1(a, &info, (void **)&owner, RTLD_DL_LINKMAP) && owner == m) {
+            *alias = d;
+            return a;
+        }
+    }
+    return d;
+}

@@ -1,6 +1,7 @@
 /* Owns mg_usable_header: whether the hooks may read glibc's chunk header for a block's
  * usable size (include/mg_usable.h). */
 #include "mg_usable.h"
+#include "mg_elf.h"
 
 #include <dlfcn.h>
 #include <stdlib.h>
@@ -16,10 +17,12 @@ atomic_int mg_usable_header = 0;
 
 #if MG_USABLE_HEADER
 /* The load address of the object that defines the process's `name` (the definition the
- * hooks' PLT calls reach), or NULL. */
+ * hooks' PLT calls reach, past a non-PIE program's canonical PLT entry: mg_elf_definition),
+ * or NULL. */
 static void *definer(const char *name)
 {
-    void *addr = dlsym(RTLD_DEFAULT, name);
+    void *alias;
+    void *addr = mg_elf_definition(name, &alias);
     Dl_info info;
 
     if (addr == NULL || !dladdr(addr, &info))

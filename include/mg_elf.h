@@ -34,6 +34,12 @@ typedef struct mg_elf_hook {
  * dlsym gave 0x41f610 for malloc, libc's is elsewhere). A slot holding either is patched,
  * and put back to what it held. */
 
+/* The definition of `name` that calls bind to (what the dynamic linker finds), and in
+ * *alias the canonical PLT entry that stands for it when the program is not
+ * position-independent (above), else NULL. NULL when nothing defines it. Any thread; not
+ * hook-safe (dlopen with RTLD_NOLOAD). */
+void *mg_elf_definition(const char *name, void **alias);
+
 /* Which variant an object's slots get: -1 skips the object (never patched), else 0 ..
  * MG_ELF_VARIANTS-1. path is dl_iterate_phdr's dlpi_name ("" for the main program). */
 typedef int (*mg_elf_classify_fn)(const char *path);

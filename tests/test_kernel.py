@@ -179,7 +179,7 @@ SMALL_ARRAYS = (
     "def numpy_bytes():\n"
     "    return memguard._core.snapshot()['numpy']\n"
     "stats = memguard._core.native_stats()\n"
-    "route = [stats['numpy_route'], stats['failed']]\n"
+    "route = [stats['numpy_route'], stats['failed'], stats['usable_header']]\n"
     "s0 = numpy_bytes()\n"
     "keep = [np.ones(64) for _ in range(100_000)]\n"
     "s1 = numpy_bytes()\n"
@@ -195,7 +195,9 @@ def test_small_arrays_are_counted_as_numpy_data_with_and_without_the_route(nativ
     counts. Either way kept small arrays are NumPy data, and dropping them gives it back,
     up to the blocks NumPy's cache keeps (7 of a size). Every loaded object is patched,
     on Debian's /usr/bin/python3.11 too, whose executable is not position-independent
-    (include/mg_elf.h: its canonical PLT entries)."""
+    (include/mg_elf.h: its canonical PLT entries), and blocks are measured from glibc's
+    chunk header there as on every interpreter of the matrix (include/mg_usable.h: the
+    definition behind the program's canonical PLT entry is glibc's)."""
     k = Kernel(env={"MEMGUARD_NATIVE": native})
     try:
         k.execute("%load_ext memguard")
@@ -203,8 +205,9 @@ def test_small_arrays_are_counted_as_numpy_data_with_and_without_the_route(nativ
         route, grown, left = json.loads(ex.stdout.split("SMALL ", 1)[1].splitlines()[0])
     finally:
         k.shutdown()
-    routed, not_patched = route
+    routed, not_patched, usable_header = route
     assert not_patched == [] and routed == (native == "1"), route
+    assert usable_header == 1, route
     assert 100_000 * 512 <= grown <= 100_000 * 600, grown
     assert 0 <= left <= 7 * 600, left
 
