@@ -219,22 +219,46 @@ class _TaskNamespace:
 
 class _WorkerPublisher:
     """STATE.publisher on a worker: sends each alert to the client with log_event, with the
-    task's fields added. Thread-safe (log_event hands off to the worker's event loop)."""
+    task's fields added, in the order published.
+
+    The relay thread publishes; the events leave from the worker's event loop. Worker.
+    log_event called from another thread only schedules the send (loop.add_callback), which
+    then runs after the transition that ends the task has queued the task's result: a
+    refused task's MemoryError reached the client before its alert, whose cell had ended by
+    then (one clean-clone CI run, 2026-12-03). So publish() queues the event and schedules
+    flush(), and the task's finish (the worker's transition hook, on the event loop, which
+    distributed runs before it sends the transition's messages) calls flush() after its
+    drain: the alerts go into the batched stream ahead of the result."""
 
     def __init__(self, guard):
         self._guard = guard
+        self._pending = collections.deque()  # appended by the relay, popped by the loop
 
     def publish(self, alert, epoch, cause, parent):
         guard = self._guard
         info = guard.tasks.get(epoch) or {}
         msg = task_alert(alert, info)
+        self._pending.append({"type": "alert", "alert": msg, "epoch": epoch,
+                              "cause": [str(c) for c in cause], "pid": os.getpid()})
         try:
-            guard.worker.log_event(TOPIC, {"type": "alert", "alert": msg, "epoch": epoch,
-                                           "cause": [str(c) for c in cause],
-                                           "pid": os.getpid()})
+            guard.worker.loop.add_callback(self.flush)
         except Exception:  # noqa: BLE001 - an alert must never fail the relay or the task
+            self._pending.clear()
             print(render.text(msg), file=sys.__stderr__, flush=True)
         return "display_data"
+
+    def flush(self):
+        """The worker's event loop: send every event queued so far, oldest first (log_event
+        on the loop's own thread puts it in the batched stream at once)."""
+        while True:
+            try:
+                event = self._pending.popleft()
+            except IndexError:
+                return
+            try:
+                self._guard.worker.log_event(TOPIC, event)
+            except Exception:  # noqa: BLE001 - as in publish
+                print(render.text(event["alert"]), file=sys.__stderr__, flush=True)
 
 
 def task_alert(alert, info):
@@ -387,6 +411,8 @@ class WorkerGuard:
         if cell.alerts:
             core.native_settle()  # the pages it touched last (cells.post_run_cell)
             records.finish(cell, coreview.sites(core, cell.epoch, 20), coreview.snapshot(core))
+        if isinstance(STATE.publisher, _WorkerPublisher):
+            STATE.publisher.flush()  # ahead of the task's result (_WorkerPublisher)
         if not self.running:
             self._idle()
 
