@@ -112,6 +112,13 @@ MG_HOOKSAFE MG_SLOWPATH void mg_hooks_count_alloc_slow(mg_domain_t d, size_t n, 
     mg_hooks_push(MG_KIND_BUDGET, line == LINE_UNREAD ? line_of() : line, (int64_t)n, 0);
 }
 
+MG_HOOKSAFE MG_SLOWPATH void mg_hooks_count_free_slow(mg_domain_t d, size_t n, void *p)
+{
+    if (n >= mg_sites_threshold())
+        mg_sites_free(p);
+    mg_hooks_free_bytes(d, n);
+}
+
 MG_HOOKSAFE int mg_hooks_counting(int was)
 {
     return !was && mg_acct_enabled();

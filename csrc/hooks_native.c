@@ -442,38 +442,18 @@ static inline void count_alloc_np(int was, void *p)
 }
 
 /* ---- the common path on glibc's malloc ----------------------------------------------
- * With glibc's malloc family below (mg_usable_glibc), the real call needs no guard (nothing
- * in it reaches a hook) and a block's size is read from its chunk header, so malloc and
- * free count a small block in a few instructions and call the real function last, as a
- * tail call where the compiler can (sqlite's row-sized blocks: bench/overhead.py
- * --callgrind, sqlite_insert). A block of at least the threshold, or a full batch, takes
- * the counting's slow path with the guard held, as every other path does. */
-
-static MG_SLOWPATH void count_alloc_slow_guarded(size_t n, void *p)
-{
-    int was = mg_reentry_enter();
-
-    mg_hooks_count_alloc_slow(MG_DOMAIN_NATIVE, n, p, native_line);
-    mg_reentry_leave(was);
-}
-
-static MG_SLOWPATH void count_free_slow_guarded(size_t n, void *p)
-{
-    int was = mg_reentry_enter();
-
-    mg_hooks_count_free(MG_DOMAIN_NATIVE, n, p);
-    mg_reentry_leave(was);
-}
+ * With glibc's malloc family below (mg_usable_glibc), the real call needs no guard: glibc
+ * reaches its helpers by internal calls, and neither libc nor memguard's own object is
+ * ever patched, so nothing called from the real function or from the counting step can
+ * reach a hook. A block's size is read from its chunk header, and free calls the real
+ * function last, as a tail call (sqlite's row-sized blocks: bench/overhead.py --callgrind,
+ * sqlite_insert). The counting is the shared step of every hook (mg_hooks.h). */
 
 /* Count p (not NULL, just allocated) on the glibc path. */
 static inline void glibc_count_alloc(void *p)
 {
-    if (mg_acct_enabled()) {
-        size_t n = mg_usable_from_header(p);
-
-        if (n >= mg_sites_threshold() || !mg_batch_alloc(MG_DOMAIN_NATIVE, n))
-            count_alloc_slow_guarded(n, p);
-    }
+    if (mg_acct_enabled())
+        native_count_alloc(mg_usable_from_header(p), p);
 }
 
 /* malloc under another allocator: the guard held across the real call. Out of line, so
@@ -643,12 +623,8 @@ static void nat_free(void *ptr)
         nat_free_guarded(ptr);
         return;
     }
-    if (mg_acct_enabled()) { /* before the real free: the address cannot be reused */
-        size_t n = mg_usable_from_header(ptr);
-
-        if (n >= mg_sites_threshold() || !mg_batch_free(MG_DOMAIN_NATIVE, n))
-            count_free_slow_guarded(n, ptr);
-    }
+    if (mg_acct_enabled()) /* before the real free: the address cannot be reused */
+        mg_hooks_count_free(MG_DOMAIN_NATIVE, mg_usable_from_header(ptr), ptr);
     r_free(ptr);
 }
 

@@ -89,19 +89,24 @@ MG_HOOKSAFE static inline void mg_hooks_free_bytes(mg_domain_t d, size_t n)
 }
 
 /* Count the free of p, n bytes in domain d, and take it off its site. Call before the real
- * free, so the address cannot be reused in between. Hook-safe. */
+ * free, so the address cannot be reused in between. As for allocations, a block below the
+ * threshold leaves this thread's batch inline; a larger one, or a batch at its room, takes
+ * the out-of-line slow path (the site table's lookup stays out of every hook's body).
+ * Hook-safe. */
+MG_HOOKSAFE MG_SLOWPATH void mg_hooks_count_free_slow(mg_domain_t d, size_t n, void *p);
 MG_HOOKSAFE static inline void mg_hooks_count_free(mg_domain_t d, size_t n, void *p)
 {
-    if (n >= mg_sites_threshold())
-        mg_sites_free(p);
-    mg_hooks_free_bytes(d, n);
+    if (n < mg_sites_threshold() && mg_batch_free(d, n))
+        return;
+    mg_hooks_count_free_slow(d, n, p);
 }
 
 /* The counting rule every malloc-backed wrapper follows, in one place. `was` is what
  * mg_reentry_enter returned: a nested call (was != 0) or disabled counting counts nothing.
  * Blocks are measured with mg_usable_size (malloc_usable_size's figure, include/mg_usable.h)
  * on both ends, so alloc and free always agree even when a caller's size arguments drift
- * (docs/design.md, Allocator hooks: exact against mallinfo2); that needs the allocator below to hand out malloc'd pointers. All hook-safe. */
+ * (docs/design.md, Allocator hooks: exact against mallinfo2); that needs the allocator
+ * below to hand out malloc'd pointers. All hook-safe. */
 MG_HOOKSAFE static inline void mg_hooks_after_alloc(int was, mg_domain_t d, void *p)
 {
     /* p may be NULL */
