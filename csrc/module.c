@@ -117,7 +117,7 @@ static PyObject *core_native_stats(PyObject *self, PyObject *unused)
                          "map_dropped", (unsigned long long)st.map_dropped, "failed", failed,
                          "numpy_route", mg_hooks_numpy_routed(),
                          "numpy_passing", mg_hooks_numpy_passing(),
-                         "usable_header", mg_usable_init());
+                         "usable_header", mg_usable_glibc());
 }
 
 static int core_parse_budget(PyObject *obj, int64_t *out)

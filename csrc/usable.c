@@ -5,7 +5,6 @@
 
 #include <dlfcn.h>
 #include <stdlib.h>
-#include <string.h>
 
 #if MG_USABLE_HEADER
 #include <gnu/libc-version.h>
@@ -100,7 +99,8 @@ int mg_usable_init(void)
     libc = definer("gnu_get_libc_version");
     if (libc != NULL && definer("malloc") == libc && definer("free") == libc &&
         definer("calloc") == libc && definer("realloc") == libc &&
-        definer("posix_memalign") == libc && definer("malloc_usable_size") == libc && glibc_sizes() && probe())
+        definer("posix_memalign") == libc && definer("malloc_usable_size") == libc &&
+        glibc_sizes() && probe())
         atomic_store_explicit(&mg_usable_header, 1, memory_order_relaxed);
 #endif
     return atomic_load_explicit(&mg_usable_header, memory_order_relaxed);

@@ -36,14 +36,15 @@
  * malloc, so a thread that read the old value counts alike. */
 extern atomic_int mg_usable_header;
 
-/* Decide mg_usable_header: glibc's `malloc`, `free` and `malloc_usable_size` are the ones
- * the process uses (each resolves, as the hooks' PLT does, to the object that defines
- * gnu_get_libc_version; through a non-PIE program's canonical PLT entry to the definition
- * behind it, mg_elf_definition), malloc_usable_size gives glibc's figures for blocks of 1, 25 and
- * 100 bytes (so no header is read below another allocator), and the header read equals malloc_usable_size for blocks of 0 B to
- * 40 MiB from malloc, calloc, realloc and posix_memalign (40 MiB is past glibc's largest
- * dynamic mmap threshold, 32 MiB on 64-bit, so an mmapped chunk is among them). Returns
- * mg_usable_header. Idempotent; not hook-safe (it allocates). */
+/* Decide mg_usable_header: glibc's malloc family and `malloc_usable_size` are the ones the
+ * process uses (each resolves, as the hooks' PLT does, to the object that defines
+ * gnu_get_libc_version; past a non-PIE program's canonical PLT entry to the definition
+ * behind it, mg_elf_definition), malloc_usable_size gives glibc's figures for blocks of 1,
+ * 25 and 100 bytes (so no header is read below another allocator), and the header read
+ * equals malloc_usable_size for blocks of 0 B to 40 MiB from malloc, calloc, realloc and
+ * posix_memalign (40 MiB is past glibc's largest dynamic mmap threshold, 32 MiB on 64-bit,
+ * so an mmapped chunk is among them). Returns mg_usable_header. Called once at module
+ * init (GIL held); idempotent; not hook-safe (it allocates). */
 int mg_usable_init(void);
 
 /* 1 when the process's malloc family is glibc's (mg_usable_header). The native hooks also
