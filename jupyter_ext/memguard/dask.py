@@ -243,19 +243,21 @@ class _WorkerPublisher:
         try:
             guard.worker.loop.add_callback(self.flush)
         except Exception:  # noqa: BLE001 - an alert must never fail the relay or the task
-            self._pending.clear()
-            print(render.text(msg), file=sys.__stderr__, flush=True)
+            self.flush(send=False)  # no loop to send from: the text form on stderr
         return "display_data"
 
-    def flush(self):
+    def flush(self, send=True):
         """The worker's event loop: send every event queued so far, oldest first (log_event
-        on the loop's own thread puts it in the batched stream at once)."""
+        on the loop's own thread puts it in the batched stream at once). An event that
+        cannot be sent (or every one, with ``send=False``) goes to stderr as text."""
         while True:
             try:
                 event = self._pending.popleft()
             except IndexError:
                 return
             try:
+                if not send:
+                    raise RuntimeError("not sent")
                 self._guard.worker.log_event(TOPIC, event)
             except Exception:  # noqa: BLE001 - as in publish
                 print(render.text(event["alert"]), file=sys.__stderr__, flush=True)
@@ -283,6 +285,7 @@ class WorkerGuard:
         self.budget = 0
         self.tasks = collections.OrderedDict()  # epoch -> task fields
         self.running = {}  # key -> (cell, run_spec, original func or None)
+        self.publisher = _WorkerPublisher(self)  # STATE.publisher while loaded
         self.refusals_seen = 0
         self.undo = None
         self.box = None
@@ -328,7 +331,7 @@ class WorkerGuard:
             extension._install_native(core, undo)
             undo.callback(core.set_user_globals, None)
             undo.callback(core.set_cell_file, None)
-            STATE.publisher = _WorkerPublisher(self)
+            STATE.publisher = self.publisher
             self._open_box(core)
             undo.callback(self._close_box, core)
             load_zmq(core)
@@ -411,8 +414,7 @@ class WorkerGuard:
         if cell.alerts:
             core.native_settle()  # the pages it touched last (cells.post_run_cell)
             records.finish(cell, coreview.sites(core, cell.epoch, 20), coreview.snapshot(core))
-        if isinstance(STATE.publisher, _WorkerPublisher):
-            STATE.publisher.flush()  # ahead of the task's result (_WorkerPublisher)
+        self.publisher.flush()  # ahead of the task's result (_WorkerPublisher)
         if not self.running:
             self._idle()
 
