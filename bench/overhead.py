@@ -556,8 +556,7 @@ def paired_bench(args, workloads, bench):
     first run of each workload in each runner warms it up and is not counted, so the figure
     is the steady state of a cell run again, with the setup's objects in place."""
     times = {(w, c): [] for w in workloads for c in ("plain", "memguard")}
-    ratios = {w: [] for w in workloads}
-    by_runner_pair = {w: [] for w in workloads}
+    by_runner_pair = {w: [] for w in workloads}  # one list of pair ratios per runner pair
     na = {}
     t_start = time.monotonic()
     for k in range(args.runner_pairs):
@@ -578,8 +577,7 @@ def paired_bench(args, workloads, bench):
                         got = {c: servers[c].run(w) for c in order}
                         for c in order:
                             times[(w, c)].append(got[c])
-                        ratios[w].append(got["memguard"] / got["plain"])
-                        by_runner_pair[w][-1].append(ratios[w][-1])
+                        by_runner_pair[w][-1].append(got["memguard"] / got["plain"])
                 except RuntimeError as exc:
                     na[w] = str(exc)
                     print(f"[bench] {w}: n/a ({exc})", flush=True)
@@ -593,6 +591,7 @@ def paired_bench(args, workloads, bench):
                     na.setdefault(w, f"{c}: {reason}")
         print(f"[bench] runner pair {k + 1}/{args.runner_pairs} done "
               f"({time.monotonic() - t_start:.0f} s)", flush=True)
+    ratios = {w: [r for pair in by_runner_pair[w] for r in pair] for w in workloads}
     for w in workloads:
         if w not in na and len(ratios[w]) != args.reps * args.runner_pairs:
             na[w] = "a runner died before this workload's pairs were done"
