@@ -443,9 +443,8 @@ static inline void count_alloc_np(int was, void *p)
 
 /* ---- the common path on glibc's malloc ----------------------------------------------
  * With glibc's malloc family below (mg_usable_glibc), the real call needs no guard: glibc
- * reaches its helpers by internal calls, and neither libc nor memguard's own object is
- * ever patched, so nothing called from the real function or from the counting step can
- * reach a hook. A block's size is read from its chunk header, and free calls the real
+ * reaches its helpers by internal calls, never through a patched GOT slot, and the
+ * counting step allocates nothing (MG_HOOKSAFE), so no hook can run inside either. A block's size is read from its chunk header, and free calls the real
  * function last, as a tail call (sqlite's row-sized blocks: bench/overhead.py --callgrind,
  * sqlite_insert). The counting is the shared step of every hook (mg_hooks.h). */
 
