@@ -324,6 +324,7 @@ static void *monitor_main(void *arg)
     struct timespec period = {s_period_ms / 1000, (long)(s_period_ms % 1000) * 1000000L};
     monitor_state_t st = {0, -1, 0, 0, -1, 0, 0, 0};
     unsigned bb_every = MG_BB_SAMPLE_MS / (unsigned)s_period_ms;
+    unsigned rss_every = MG_RSS_SAMPLE_MS / (unsigned)s_period_ms;
     unsigned settle_every = MG_SETTLE_MAX_MS / (unsigned)s_period_ms;
     unsigned tick = 0;
 
@@ -333,13 +334,15 @@ static void *monitor_main(void *arg)
     (void)mg_reentry_enter();
     if (bb_every == 0)
         bb_every = 1;
+    if (rss_every == 0)
+        rss_every = 1;
     while (!atomic_load_explicit(&s_stop, memory_order_acquire)) {
         mg_acct_snapshot_t snap;
         int rss_crossed = 0;
         int64_t sampled = -1;
 
         monitor_forward_ring(&st);
-        if (tick % MG_RSS_EVERY == 0) {
+        if (tick % rss_every == 0) {
             sampled = mg_measures_sample();
             /* Native mappings are counted by their resident pages, measured here (before
              * the snapshot, so a crossing they cause is seen by the RSS rule). Weak: the C
@@ -351,7 +354,7 @@ static void *monitor_main(void *arg)
         /* Rule 5, the black-box tick: state and one timeline sample every MG_BB_SAMPLE_MS. */
         if (tick % bb_every == 0)
             mg_blackbox_tick(); /* no-op without an open box */
-        if (tick % MG_RSS_EVERY == 0) {
+        if (tick % rss_every == 0) {
             if (sampled >= 0)
                 monitor_limit_rule(&st, &snap);
             rss_crossed = monitor_rss_budget_rule(&st, &snap);

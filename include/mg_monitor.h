@@ -37,10 +37,14 @@ typedef struct mg_wire {
 } mg_wire_t;
 #define MG_WIRE_FORMAT "<IIqiIqqqqd"
 
-/* The monitor samples the measures every MG_RSS_EVERY polls (10 ms at the default 2 ms
- * period): often enough to follow growth, rare enough to cost nothing measurable (a pread
- * of statm, and one of the cgroup file when a cgroup limit is set). */
-#define MG_RSS_EVERY 5
+/* The monitor samples the measures every MG_RSS_SAMPLE_MS, or at every poll when its period
+ * is longer (5 polls at a kernel's 2 ms period, every poll at a Dask worker's 20 ms): often
+ * enough to follow growth, rare enough to cost nothing measurable (a pread of statm, and
+ * one of the cgroup file when a cgroup limit is set; about 14 us). A fixed count of polls
+ * made a worker, whose polls were made 4 times longer to wake it less, sample 4 times less
+ * often too (every 100 ms): a short task's native memory was then measured after its
+ * function returned, and its budget alert lost its line. */
+#define MG_RSS_SAMPLE_MS 10
 /* Native mappings (csrc/hooks_native.c, mg_native_settle_at) are measured at an RSS sample
  * only when RSS moved or a mapping came or went since they were last measured (by this
  * thread or at a cell's end), or MG_SETTLE_MAX_MS passed: their

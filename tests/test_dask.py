@@ -60,7 +60,7 @@ LINES = {"densify": 3, "keep_parts": 9, "one_big": 13, "grow_forever": 19, "arro
 MEMORY_LIMIT = 1_000_000_000
 # The least peak RSS a black box may record for a worker its nanny terminated: the nanny
 # terminates at 95% of memory_limit, and the box holds the monitor's last RSS sample (every
-# 25 ms in a worker) before that. A task growing 50 MB per 20 ms outruns the samples, more
+# 20 ms in a worker) before that. A task growing 50 MB per 20 ms outruns the samples, more
 # so on a loaded machine: a clean-clone run beside other work recorded 0.84 x the limit.
 KILLED_PEAK_MIN = 0.75 * MEMORY_LIMIT
 
