@@ -91,7 +91,9 @@ Paired (``--paired``, ``make bench-quick``)
     every run of a workload's bodies in one is followed at once by a run in the other (AB,
     BA, AB, ...), after one warm-up run each, and a workload's figure is the median ratio
     of these neighbouring pairs, pooled over ``--runner-pairs`` pairs of runners (the
-    reasons and the measurements behind them: paired_bench). Where separate processes
+    reasons and the measurements behind them: paired_bench). The Python and NumPy
+    workloads share their runners; each native workload has runners of its own
+    (runner_groups). Where separate processes
     minutes apart put the quick NumPy geomean anywhere between 0.99 and 1.12 on this
     machine, six quick paired runs on CPython 3.11, 3.12 and 3.13 (2026-12-02) put
     small_arrays between 1.060 and 1.082 (between 1.019 and 1.070 once the load imported
@@ -542,6 +544,53 @@ class Server:
         return self.stderr.read()
 
 
+def paired_group(args, group, bench, times, by_runner_pair, na):
+    """One pair of runners for the workloads ``group``: ``args.reps`` pairs of runs of each,
+    added to ``times`` and ``by_runner_pair``; a workload that failed goes into ``na``."""
+    for w in group:
+        by_runner_pair[w].append([])
+    servers = {}
+    try:
+        for c in ("plain", "memguard"):
+            servers[c] = Server(bench, c, group)
+        for w in group:
+            if w in na:
+                continue
+            try:
+                for c in servers:
+                    servers[c].run(w)  # warm-up, not counted
+                for i in range(args.reps):
+                    order = ("plain", "memguard") if i % 2 == 0 else ("memguard", "plain")
+                    got = {c: servers[c].run(w) for c in order}
+                    for c in order:
+                        times[(w, c)].append(got[c])
+                    by_runner_pair[w][-1].append(got["memguard"] / got["plain"])
+            except RuntimeError as exc:
+                na[w] = str(exc)
+                print(f"[bench] {w}: n/a ({exc})", flush=True)
+                if not all(s.alive() for s in servers.values()):
+                    break  # a runner that died serves nothing more
+    finally:
+        why = {c: s.finish() for c, s in servers.items()}
+    for c, reason in why.items():
+        if reason:
+            for w in group:
+                na.setdefault(w, f"{c}: {reason}")
+
+
+def runner_groups(workloads):
+    """The workloads that share a pair of runners in ``--paired``: the Python and NumPy
+    workloads together, each native workload in runners of its own. Native libraries keep
+    process-wide state that ``%reset -f`` does not free (Arrow's memory pool, torch's
+    OpenMP threads, the mappings memguard records): measured 2026-12-04, sqlite_insert run
+    after arrow_compute, polars_groupby and torch_cpu in the same runners took 0.445-0.513 s
+    in plain runners and 0.453-0.458 s in memguard's, so its runner pairs' medians ranged
+    0.947-1.105 (six pairs of runners, 2026-12-03); alone in its runners, 1.013-1.043
+    (eight pairs)."""
+    shared = [w for w in workloads if overhead_workloads.group(w) != "native"]
+    return ([shared] if shared else []) + [[w] for w in workloads if w not in shared]
+
+
 def paired_bench(args, workloads, bench):
     """``--paired``: one plain and one memguard runner stay up side by side, and each run of
     a workload's bodies in one is followed at once by a run in the other, in the order AB,
@@ -552,43 +601,17 @@ def paired_bench(args, workloads, bench):
     for single runs: measured 2026-12-02), so neighbours cancel what separate processes
     minutes apart cannot. Two processes of the same configuration still differ by up to
     3 % in the median of their pairs (their memory layouts differ: plain against plain,
-    2026-12-02), so the pairs come from ``--runner-pairs`` pairs of runners, pooled. The
-    first run of each workload in each runner warms it up and is not counted, so the figure
-    is the steady state of a cell run again, with the setup's objects in place."""
+    2026-12-02), so the pairs come from ``--runner-pairs`` pairs of runners, pooled; each
+    group of ``runner_groups`` gets pairs of runners of its own. The first run of each
+    workload in each runner warms it up and is not counted, so the figure is the steady
+    state of a cell run again, with the setup's objects in place."""
     times = {(w, c): [] for w in workloads for c in ("plain", "memguard")}
     by_runner_pair = {w: [] for w in workloads}  # one list of pair ratios per runner pair
     na = {}
     t_start = time.monotonic()
     for k in range(args.runner_pairs):
-        for w in workloads:
-            by_runner_pair[w].append([])
-        servers = {}
-        try:
-            for c in ("plain", "memguard"):
-                servers[c] = Server(bench, c, workloads)
-            for w in workloads:
-                if w in na:
-                    continue
-                try:
-                    for c in servers:
-                        servers[c].run(w)  # warm-up, not counted
-                    for i in range(args.reps):
-                        order = ("plain", "memguard") if i % 2 == 0 else ("memguard", "plain")
-                        got = {c: servers[c].run(w) for c in order}
-                        for c in order:
-                            times[(w, c)].append(got[c])
-                        by_runner_pair[w][-1].append(got["memguard"] / got["plain"])
-                except RuntimeError as exc:
-                    na[w] = str(exc)
-                    print(f"[bench] {w}: n/a ({exc})", flush=True)
-                    if not all(s.alive() for s in servers.values()):
-                        break  # a runner that died serves nothing more
-        finally:
-            why = {c: s.finish() for c, s in servers.items()}
-        for c, reason in why.items():
-            if reason:
-                for w in workloads:
-                    na.setdefault(w, f"{c}: {reason}")
+        for group in runner_groups(workloads):
+            paired_group(args, group, bench, times, by_runner_pair, na)
         print(f"[bench] runner pair {k + 1}/{args.runner_pairs} done "
               f"({time.monotonic() - t_start:.0f} s)", flush=True)
     ratios = {w: [r for pair in by_runner_pair[w] for r in pair] for w in workloads}
