@@ -1,7 +1,7 @@
 """What line attribution and the black box cost: memguard with attribution on (default
 threshold, 128 KiB) against memguard with attribution off (threshold 2**40 bytes), plain
 Python, and memguard as a kernel runs it (``box``: attribution on, the monitor thread
-polling every 2 ms and writing the black box every 100 ms).
+polling every 10 ms and writing the black box every 100 ms).
 
 Run: ``python bench/attribution_overhead.py [--reps N] [--quick]`` (``make bench-attribution``).
 
@@ -61,7 +61,7 @@ if mode != "plain":
     core.cell_begin(1, 0)
     if mode == "off":
         core.sites_config(threshold=2**40)
-    if mode == "box":  # as a kernel runs it: monitor thread (2 ms) and black box (100 ms)
+    if mode == "box":  # as a kernel runs it: monitor thread (10 ms) and black box (100 ms)
         import os, tempfile
         box_dir = tempfile.mkdtemp(prefix="mg-bench-")
         core.blackbox_open(os.path.join(box_dir, "bench.mgbox"), "bench.json")

@@ -543,7 +543,7 @@ static PyObject *core_zmq_load(PyObject *self, PyObject *args)
 static PyObject *core_monitor_start(PyObject *self, PyObject *args)
 {
     const char *endpoint;
-    int period_ms = 2;
+    int period_ms = MG_MONITOR_PERIOD_MS;
     PyObject *ctx_obj = Py_None;
     void *ctx = NULL;
     const char *launcher = NULL; /* the kernel launcher's endpoint (MEMGUARD_LAUNCHER_ENDPOINT) */
@@ -710,7 +710,7 @@ static PyMethodDef core_methods[] = {
      "path, already loaded (pyzmq's backend extension) or to be loaded; None searches the "
      "global scope. Idempotent. Raises ImportError with the reason."},
     {"monitor_start", core_monitor_start, METH_VARARGS,
-     "monitor_start(endpoint: str, period_ms: int = 2, context: int | None = None, "
+     "monitor_start(endpoint: str, period_ms: int = 10, context: int | None = None, "
      "launcher: str | None = None) -> None"
      "\n\nConnect a PUSH socket to endpoint, in the libzmq context at address context "
      "(pyzmq's Context.underlying, kept alive by the caller until monitor_stop) or in one of "
@@ -773,6 +773,7 @@ PyMODINIT_FUNC PyInit__core(void)
     if (PyModule_AddStringConstant(m, "VERSION", MG_VERSION) < 0 ||
         PyModule_AddStringConstant(m, "WIRE_FORMAT", MG_WIRE_FORMAT) < 0 ||
         PyModule_AddIntConstant(m, "WIRE_VERSION", MG_WIRE_VERSION) < 0 ||
+        PyModule_AddIntConstant(m, "MONITOR_PERIOD_MS", MG_MONITOR_PERIOD_MS) < 0 ||
         PyModule_AddIntConstant(m, "KIND_BUDGET", MG_KIND_BUDGET) < 0 ||
         PyModule_AddIntConstant(m, "KIND_BUDGET_GROW", MG_KIND_BUDGET_GROW) < 0 ||
         PyModule_AddIntConstant(m, "KIND_ACCUMULATION", MG_KIND_ACCUMULATION) < 0 ||

@@ -37,8 +37,18 @@ typedef struct mg_wire {
 } mg_wire_t;
 #define MG_WIRE_FORMAT "<IIqiIqqqqd"
 
+/* The monitor's period in a kernel, ms (a Dask worker's is longer: WORKER_MONITOR_MS in
+ * jupyter_ext/memguard/dask.py). Each wake of the thread costs a busy process more than the
+ * thread's own CPU time: on two cores, where a cell's native code runs threads on both, a
+ * wake preempts one of them and the others wait for it at their next barrier. torch_cpu
+ * (bench/overhead.py --paired, a 2000 x 2000 float32 matmul and elementwise ops, OpenMP on
+ * both cores, six pairs of runners) ran 1.042x plain (95 % interval 1.020-1.062) with a
+ * 2 ms period and 0.994x (0.974-1.022) with 10 ms (2026-12-04). A ring event waits at most
+ * one period to be sent, which stays far inside the alert latency target (p99 <= 50 ms,
+ * docs/design.md "Alert latency"). */
+#define MG_MONITOR_PERIOD_MS 10
 /* The monitor samples the measures every MG_RSS_SAMPLE_MS, or at every poll when its period
- * is longer (5 polls at a kernel's 2 ms period, every poll at a Dask worker's 20 ms): often
+ * is longer (every poll at a kernel's 10 ms period and at a Dask worker's 20 ms): often
  * enough to follow growth, rare enough to cost nothing measurable (a pread of statm, and
  * one of the cgroup file when a cgroup limit is set; about 14 us). A fixed count of polls
  * made a worker, whose polls were made 4 times longer to wake it less, sample 4 times less

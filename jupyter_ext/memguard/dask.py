@@ -53,8 +53,8 @@ DYNAMIC_CODE = "<dynamic-code>"  # cloudpickle's co_filename for code sent by va
 HEADER = "# memguard-dask-task "  # first line of the black box's "cell source" in a worker
 NANNY_POLL = 0.05  # seconds between the nanny's looks at its worker's pid
 CRASH_WAIT = 10.0  # seconds a cell that got KilledWorker waits for the crash report
-# The monitor's period in a worker, ms (the kernel's is 2 ms, for alerts under a running
-# cell within milliseconds). A worker's alerts travel through the scheduler anyway. RSS and
+# The monitor's period in a worker, ms (the kernel's is 10 ms, MG_MONITOR_PERIOD_MS in
+# include/mg_monitor.h, for alerts under a running cell within milliseconds). A worker's alerts travel through the scheduler anyway. RSS and
 # native mappings are sampled at every wake (MG_RSS_SAMPLE_MS, include/mg_monitor.h), five
 # times as often as the nanny's own memory monitor looks (distributed.worker.memory.
 # monitor-interval, 100 ms); raise mode judges between samples on tracked growth. Each wake of the thread costs the worker more than the

@@ -98,7 +98,8 @@ def _install(shell, core, magics, undo):
     undo.callback(_stop_relay)
     STATE.relay.start()
     STATE.relay_sent_at_start = monitor_stats(core).sent
-    core.monitor_start(STATE.relay.endpoint, 2, STATE.relay.context, launcher)
+    core.monitor_start(STATE.relay.endpoint, core.MONITOR_PERIOD_MS, STATE.relay.context,
+                       launcher)
     undo.callback(core.monitor_stop)  # before the relay's context ends, and the black box
     for name, handler in (("pre_run_cell", cells.pre_run_cell),
                           ("post_run_cell", cells.post_run_cell)):
