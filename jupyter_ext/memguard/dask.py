@@ -54,12 +54,13 @@ HEADER = "# memguard-dask-task "  # first line of the black box's "cell source" 
 NANNY_POLL = 0.05  # seconds between the nanny's looks at its worker's pid
 CRASH_WAIT = 10.0  # seconds a cell that got KilledWorker waits for the crash report
 # The monitor's period in a worker, ms (the kernel's is 10 ms, MG_MONITOR_PERIOD_MS in
-# include/mg_monitor.h, for alerts under a running cell within milliseconds). A worker's alerts travel through the scheduler anyway. RSS and
-# native mappings are sampled at every wake (MG_RSS_SAMPLE_MS, include/mg_monitor.h), five
-# times as often as the nanny's own memory monitor looks (distributed.worker.memory.
-# monitor-interval, 100 ms); raise mode judges between samples on tracked growth. Each wake of the thread costs the worker more than the
-# thread's own CPU time: with two workers on two cores it preempts a task. At 5 ms, a
-# dask.dataframe group-by's workers made 25 % more involuntary context switches than plain
+# include/mg_monitor.h, for alerts under a running cell within milliseconds). A worker's
+# alerts travel through the scheduler anyway. RSS and native mappings are sampled at every
+# wake (MG_RSS_SAMPLE_MS, include/mg_monitor.h), five times as often as the nanny's own
+# memory monitor looks (distributed.worker.memory.monitor-interval, 100 ms); raise mode
+# judges between samples on tracked growth. Each wake of the thread costs the worker more
+# than the thread's own CPU time: with two workers on two cores it preempts a task. At 5 ms,
+# a dask.dataframe group-by's workers made 25 % more involuntary context switches than plain
 # workers (11,300-11,600 against 9,100-9,300 in 12 rounds), at 20 ms as many (8,800-9,100);
 # at 2 ms the thread alone used 0.8 % of a core (README, "Dask"; 2026-12-03).
 WORKER_MONITOR_MS = 20
