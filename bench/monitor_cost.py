@@ -3,12 +3,13 @@ per second of wall time, with and without the black box open.
 
 Run: ``python bench/monitor_cost.py [--seconds S]`` (part of ``make bench``).
 
-The monitor (csrc/monitor.c) wakes every 10 ms (MG_MONITOR_PERIOD_MS), samples RSS every 10 ms and, when the black
-box is open, writes its state and a timeline sample every 100 ms (csrc/blackbox.c). Its
-CPU time is read from /proc/self/task/<tid>/schedstat (nanoseconds on a CPU)
-over ``--seconds`` of wall time, with 200 live sites in the table so a state write has work
-to do. The main thread sleeps meanwhile, so the figure is the monitor's own cost, which on a
-busy kernel is taken from another core or from the cell. Writes build/monitor_cost.json.
+The monitor (csrc/monitor.c) wakes every 10 ms (MG_MONITOR_PERIOD_MS), samples RSS at
+every wake and, when the black box is open, writes its state and a timeline sample every
+100 ms (csrc/blackbox.c). Its CPU time is read from /proc/self/task/<tid>/schedstat
+(nanoseconds on a CPU) over ``--seconds`` of wall time, with 200 live sites in the table
+so a state write has work to do. The main thread sleeps meanwhile, so the figure is the
+monitor's own cost, which on a busy kernel is taken from another core or from the cell.
+Writes build/monitor_cost.json.
 """
 
 import argparse
