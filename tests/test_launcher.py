@@ -341,8 +341,12 @@ def test_cgroup_oom_kill_mid_cell_is_announced(launched):
 
 
 def test_interrupt_restart_shutdown(launched):
-    msg_id = launched.kc.execute("import time\ntime.sleep(60)")
-    launched.collect(msg_id, lambda m: m["msg_type"] == "execute_input", 60)
+    # Interrupt only once the cell's code runs: execute_input is published before
+    # run_cell starts, and a SIGINT in between is caught by the kernel's own loop
+    # ("KeyboardInterrupt caught in kernel"), so the cell would never see it.
+    msg_id = launched.kc.execute("import time\nprint('sleeping', flush=True)\ntime.sleep(60)")
+    launched.collect(msg_id, lambda m: m["msg_type"] == "stream"
+                     and "sleeping" in m["content"]["text"], 60)
     launched.km.interrupt_kernel()
     msgs = launched.collect(msg_id, _idle, 30)
     errors = [m for _, m in msgs if m["msg_type"] == "error"]
