@@ -196,7 +196,7 @@ bench-launcher: .stamp-installed
 
 # memguard on Dask workers against plain workers (bench/dask_overhead.py): a dask.array
 # reduction and a dask.dataframe group-by, a plain and a memguard 2-worker LocalCluster
-# taking turns round by round (about 14 minutes); build/bench_dask.json.
+# taking turns round by round (about 22 minutes); build/bench_dask.json.
 bench-dask: .stamp-installed
 	$(VPY) bench/dask_overhead.py $(BENCH_ARGS)
 

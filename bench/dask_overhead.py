@@ -417,7 +417,10 @@ def make_workloads(quick):
     return {
         "dask.array chunked reduction": (array_reduction, (4000, 500) if quick
                                          else (8000, 1000)),
-        "dask.dataframe group-by": (dataframe_groupby, (1_000_000, 8) if quick
+        # 16 partitions in both: from 16 on, dask.dataframe's group-by aggregates through a
+        # shuffle (P2P on a cluster) instead of a tree reduction (dask 2026.8, measured
+        # 2026-12-04), and the quick inputs (--callgrind's) must take the full run's path.
+        "dask.dataframe group-by": (dataframe_groupby, (1_000_000, 16) if quick
                                     else (4_000_000, 16)),
     }
 
@@ -426,11 +429,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller inputs, fewer rounds")
     parser.add_argument("--reps", type=int, default=None,
-                        help="pairs of rounds per workload and pair of drivers (default 24, "
+                        help="pairs of rounds per workload and pair of drivers (default 36, "
                              "quick 4)")
     parser.add_argument("--cluster-pairs", type=int, default=None,
                         help="pairs of drivers (one plain, one memguard cluster each), "
-                             "pooled (default 6, quick 1)")
+                             "pooled (default 12, quick 1)")
     parser.add_argument("--callgrind", action="store_true",
                         help="instruction counts of the workers' threads under callgrind "
                              "(quick inputs, 2 rounds per cluster by default)")
@@ -455,12 +458,14 @@ def main(argv=None):
             parser.error("--rounds and --blocks must be at least 1")
         callgrind_main(make_workloads(True), rounds, blocks)
         return
-    # 144 pairs per workload, from 6 pairs of drivers: a pair spreads by about +-10 % here,
-    # and one pair of drivers' median from the next by about 3 %; the median's 95 %
-    # interval is then about 4-6 % wide (8 % and more with 24 pairs); about 14 minutes
-    # (2026-12-03).
-    reps = args.reps if args.reps is not None else (4 if args.quick else 24)
-    pairs = args.cluster_pairs if args.cluster_pairs is not None else (1 if args.quick else 6)
+    # 432 pairs per workload, from 12 pairs of drivers x 36: a pair's ratio spreads by
+    # 11-15 % (standard deviation of its logarithm) while, with the group-by's partitions
+    # placed alike, pairs of drivers hardly differ (0.000-0.019 beyond what their own
+    # pairs' spread explains, three runs, 2026-12-04); so the interval narrows with the
+    # number of pairs, not of drivers: about +-1.5 % with 432 pairs, +-2.5 % with 144.
+    # About 22 minutes.
+    reps = args.reps if args.reps is not None else (4 if args.quick else 36)
+    pairs = args.cluster_pairs if args.cluster_pairs is not None else (1 if args.quick else 12)
     if reps < 1 or pairs < 1:
         parser.error("--reps and --cluster-pairs must be at least 1")
     names = list(make_workloads(args.quick))
