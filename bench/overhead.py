@@ -544,18 +544,19 @@ class Server:
         return self.stderr.read()
 
 
-def paired_group(args, group, bench, times, by_runner_pair, na):
+def paired_group(args, group, bench):
     """One pair of runners for the workloads ``group``: ``args.reps`` pairs of runs of each,
-    added to ``times`` and ``by_runner_pair``; a workload that failed goes into ``na``."""
-    for w in group:
-        by_runner_pair[w].append([])
+    after a warm-up run. Returns ``(times, ratios, na)``: ``times[(w, config)]`` the run
+    times (seconds), ``ratios[w]`` the pairs' memguard / plain ratios, ``na[w]`` why a
+    workload has no figure (it failed, or a runner died)."""
+    times = {(w, c): [] for w in group for c in ("plain", "memguard")}
+    ratios = {w: [] for w in group}
+    na = {}
     servers = {}
     try:
         for c in ("plain", "memguard"):
             servers[c] = Server(bench, c, group)
         for w in group:
-            if w in na:
-                continue
             try:
                 for c in servers:
                     servers[c].run(w)  # warm-up, not counted
@@ -564,7 +565,7 @@ def paired_group(args, group, bench, times, by_runner_pair, na):
                     got = {c: servers[c].run(w) for c in order}
                     for c in order:
                         times[(w, c)].append(got[c])
-                    by_runner_pair[w][-1].append(got["memguard"] / got["plain"])
+                    ratios[w].append(got["memguard"] / got["plain"])
             except RuntimeError as exc:
                 na[w] = str(exc)
                 print(f"[bench] {w}: n/a ({exc})", flush=True)
@@ -576,6 +577,7 @@ def paired_group(args, group, bench, times, by_runner_pair, na):
         if reason:
             for w in group:
                 na.setdefault(w, f"{c}: {reason}")
+    return times, ratios, na
 
 
 def runner_groups(workloads):
@@ -611,7 +613,15 @@ def paired_bench(args, workloads, bench):
     t_start = time.monotonic()
     for k in range(args.runner_pairs):
         for group in runner_groups(workloads):
-            paired_group(args, group, bench, times, by_runner_pair, na)
+            group = [w for w in group if w not in na]  # failed in an earlier pair: skipped
+            if not group:
+                continue
+            g_times, g_ratios, g_na = paired_group(args, group, bench)
+            for key, runs in g_times.items():
+                times[key].extend(runs)
+            for w in group:
+                by_runner_pair[w].append(g_ratios[w])
+            na.update(g_na)
         print(f"[bench] runner pair {k + 1}/{args.runner_pairs} done "
               f"({time.monotonic() - t_start:.0f} s)", flush=True)
     ratios = {w: [r for pair in by_runner_pair[w] for r in pair] for w in workloads}
