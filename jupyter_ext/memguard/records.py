@@ -18,13 +18,18 @@ CAUSE_LIMIT = ("limit",)
 
 def publish(cell, alert, cause, **private):
     """Record ``alert`` in the cell (replacing the one of the same ``cause``) and publish
-    it. ``private`` keys (``_by_rss``) stay in the record, never in the message."""
+    it. ``private`` keys (``_by_rss``) stay in the record, never in the message. A refusal
+    is its cause's last word: an alert that is not one does not replace it (a growth record
+    the monitor sent before the refusal, or after it as RSS settled, reached the relay after
+    it in a Dask worker and turned the task's refused alert back into a plain budget one)."""
     tracer = cell.trace
     if tracer is not None:
         alert["trace"] = tracer.top()
     with STATE.lock:
         for i, old in enumerate(cell.alerts):
             if old.get("_cause") == cause:
+                if old.get("refused") and not alert.get("refused"):
+                    return
                 if "trace" in old and "trace" not in alert:
                     alert["trace"] = old["trace"]  # tracing ended: keep the last top lines
                 cell.alerts[i] = dict(alert, _cause=cause, **private)
