@@ -172,8 +172,9 @@ static map_rec_t *map_claim_free(void)
 }
 
 /* What the last measure (mg_native_settle_at) followed, so a caller can skip one that
- * would find nothing new (mg_native_settle_needed): s_settled_rss, the RSS (bytes) read just
- * before it began (-1: none), and s_settled_gen, the value s_maps_gen had then. s_maps_gen
+ * would find nothing new, or too little to matter (mg_native_settle_needed's slack):
+ * s_settled_rss, the RSS (bytes) read just before it began (-1: none), and s_settled_gen,
+ * the value s_maps_gen had then. s_maps_gen
  * counts changes to the records (added, cut, removed: map_publish, map_removed,
  * maps_reset, from any thread's mmap-family wrapper), since pages can move from an
  * unmapped mapping to a new one with RSS unchanged. All relaxed: s_maps_gen by RMW; the
@@ -390,11 +391,15 @@ static void maps_settle(void)
     }
 }
 
-int mg_native_settle_needed(int64_t rss)
+int mg_native_settle_needed(int64_t rss, int64_t slack)
 {
-    return rss < 0 || rss != atomic_load_explicit(&s_settled_rss, memory_order_relaxed) ||
-           atomic_load_explicit(&s_maps_gen, memory_order_relaxed) !=
-               atomic_load_explicit(&s_settled_gen, memory_order_relaxed);
+    int64_t last = atomic_load_explicit(&s_settled_rss, memory_order_relaxed);
+    int64_t moved = rss - last;
+
+    if (rss < 0 || last < 0 || moved > slack || moved < -slack)
+        return 1;
+    return atomic_load_explicit(&s_maps_gen, memory_order_relaxed) !=
+           atomic_load_explicit(&s_settled_gen, memory_order_relaxed);
 }
 
 void mg_native_settle_at(int64_t rss)

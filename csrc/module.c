@@ -85,7 +85,7 @@ static PyObject *core_native_settle(PyObject *self, PyObject *unused)
     if (!mg_native_has_mappings())
         Py_RETURN_NONE;
     rss = mg_measures_read();
-    if (!mg_native_settle_needed(rss))
+    if (!mg_native_settle_needed(rss, 0))
         Py_RETURN_NONE;
     Py_BEGIN_ALLOW_THREADS
     mg_native_settle_at(rss);
@@ -580,6 +580,7 @@ static PyObject *core_monitor_stop(PyObject *self, PyObject *unused)
 
 static const char *const MONITOR_NAMES[] = {
     "launcher_sent", "launcher_dropped", "running", "pending", "sent", "dropped", "ring_dropped",
+    "settles", "settle_cpu_ns",
 };
 #define MONITOR_N ((int)(sizeof(MONITOR_NAMES) / sizeof(MONITOR_NAMES[0])))
 static PyObject *s_monitor_keys[MONITOR_N];
@@ -591,6 +592,7 @@ static void monitor_read(long long vals[MONITOR_N])
         (long long)mg_monitor_launcher_sent(), (long long)mg_monitor_launcher_dropped(),
         mg_monitor_running(), (long long)mg_monitor_pending(), (long long)mg_monitor_sent(),
         (long long)mg_monitor_dropped(), (long long)mg_ring_dropped(),
+        (long long)mg_monitor_settles(), (long long)mg_monitor_settle_cpu_ns(),
     };
     memcpy(vals, v, sizeof(v));
 }
@@ -721,7 +723,8 @@ static PyMethodDef core_methods[] = {
      "monitor_stop() -> None\n\nStop and join the monitor thread and close its socket."},
     {"monitor_stats", core_monitor_stats, METH_NOARGS,
      "monitor_stats() -> dict\n\nrunning, pending (events not yet forwarded), sent, dropped "
-     "(peer absent/slow), ring_dropped."},
+     "(peer absent/slow), ring_dropped, settles (the monitor's measures of native mappings) and "
+     "settle_cpu_ns (the CPU time they took, ns)."},
     {"monitor_values", core_monitor_values, METH_NOARGS,
      "monitor_values() -> tuple[int, ...]\n\nmonitor_stats()'s values, in the order of "
      "MONITOR_FIELDS."},

@@ -14,7 +14,7 @@
 
 /* csrc/hooks_native.c, when linked (the extension); the C tests link no native hooks. */
 extern void mg_native_settle_at(int64_t rss) __attribute__((weak));
-extern int mg_native_settle_needed(int64_t rss) __attribute__((weak));
+extern int mg_native_settle_needed(int64_t rss, int64_t slack) __attribute__((weak));
 #include "mg_ring.h"
 #include "mg_zmq.h"
 #include "mg_measures.h"
@@ -41,6 +41,10 @@ static _Atomic uint64_t s_forwarded = 0;
 /* Polls made by the thread since mg_monitor_start: written by the thread (relaxed RMW) and
  * zeroed by start before the thread exists; read by anyone (relaxed). */
 static _Atomic uint64_t s_polls = 0;
+/* The monitor's native settles and their CPU time (ns) since the process began: written by
+ * the thread (relaxed RMW), read by anyone (relaxed; counters, nothing ordered on them). */
+static _Atomic uint64_t s_settles = 0;
+static _Atomic uint64_t s_settle_cpu_ns = 0;
 
 /* The one place libzmq return codes are judged (pyzmq _check_rc). EAGAIN on a send means
  * the peer is absent or slow: drop the record and count it, never block. Returns 0 if the
@@ -183,8 +187,9 @@ static int64_t clock_ns(clockid_t clock)
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-/* Measure the native mappings (mg_native_settle_at) at an RSS sample when RSS moved or a
- * mapping came or went since they were last measured (mg_native_settle_needed), or
+/* Measure the native mappings (mg_native_settle_at) at an RSS sample when RSS moved by
+ * more than MG_SETTLE_RSS_STEP or a mapping came or went since they were last measured
+ * (mg_native_settle_needed), or
  * MG_SETTLE_MAX_MS passed, and no sooner than MG_SETTLE_COST_RATIO
  * times the CPU time the last measure took after it (mg_monitor.h). CPU time, not wall
  * time: a monitor thread preempted on a busy machine would otherwise space the measures
@@ -194,16 +199,22 @@ static void monitor_settle(monitor_state_t *st, int64_t sampled, unsigned tick,
 {
     int64_t now;
     int64_t cpu0;
+    int64_t cost;
 
-    if (!mg_native_settle_needed(sampled) && tick - st->settled_tick < settle_every)
+    if (!mg_native_settle_needed(sampled, MG_SETTLE_RSS_STEP) &&
+        tick - st->settled_tick < settle_every)
         return;
     now = clock_ns(CLOCK_MONOTONIC);
     if (now < st->settle_ok_ns)
         return;
     cpu0 = clock_ns(CLOCK_THREAD_CPUTIME_ID);
     mg_native_settle_at(sampled);
-    st->settle_ok_ns = now + (clock_ns(CLOCK_THREAD_CPUTIME_ID) - cpu0) * MG_SETTLE_COST_RATIO;
+    cost = clock_ns(CLOCK_THREAD_CPUTIME_ID) - cpu0;
+    st->settle_ok_ns = now + cost * MG_SETTLE_COST_RATIO;
     st->settled_tick = tick;
+    atomic_fetch_add_explicit(&s_settles, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&s_settle_cpu_ns, (uint64_t)(cost > 0 ? cost : 0),
+                              memory_order_relaxed);
 }
 
 /* Rule 1, ring forwarding: send every event the hooks pushed, and remember a budget
@@ -470,6 +481,16 @@ uint64_t mg_monitor_pending(void)
 uint64_t mg_monitor_dropped(void)
 {
     return atomic_load_explicit(&s_dropped, memory_order_relaxed);
+}
+
+uint64_t mg_monitor_settles(void)
+{
+    return atomic_load_explicit(&s_settles, memory_order_relaxed);
+}
+
+uint64_t mg_monitor_settle_cpu_ns(void)
+{
+    return atomic_load_explicit(&s_settle_cpu_ns, memory_order_relaxed);
 }
 
 /* In the child of fork() only the forking thread exists. The monitor thread is gone and

@@ -56,10 +56,10 @@ typedef struct mg_wire {
  * function returned, and its budget alert lost its line. */
 #define MG_RSS_SAMPLE_MS 10
 /* Native mappings (csrc/hooks_native.c, mg_native_settle_at) are measured at an RSS sample
- * only when RSS moved or a mapping came or went since they were last measured (by this
- * thread or at a cell's end), or MG_SETTLE_MAX_MS passed: their
- * resident pages cannot grow without RSS growing, unless other memory shrank by as much at
- * the same time, which the bound covers. And no measure starts sooner than
+ * only when RSS moved by more than MG_SETTLE_RSS_STEP or a mapping came or went since they
+ * were last measured (by this thread or at a cell's end), or MG_SETTLE_MAX_MS passed: their
+ * resident pages cannot grow by more than RSS grew, unless other memory shrank by as much
+ * at the same time, which the bound covers. And no measure starts sooner than
  * MG_SETTLE_COST_RATIO times the last one's duration after it, so it takes at most about
  * 1 % of a core however large the mappings are (a 1 GiB arena takes about 0.3 ms; smaller
  * ones are measured at every RSS sample). Measuring libarrow's 1 GiB mimalloc arena at
@@ -67,6 +67,15 @@ typedef struct mg_wire {
  * at 3 % of the worker's CPU during a group-by (2026-12-03). */
 #define MG_SETTLE_MAX_MS 1000u
 #define MG_SETTLE_COST_RATIO 100
+/* Bytes RSS must move, either way, since the last measure for the monitor to measure
+ * again: the native count then lags the mappings' resident pages by at most about this
+ * much, until a cell's or task's end (which measures on any move) or MG_SETTLE_MAX_MS. A
+ * Dask worker's RSS in a dataframe group-by (P2P shuffle, pyarrow) moved between two 20 ms
+ * samples in 81-86 % of them, by 4 MiB or more in 15-19 % (2026-12-04): measuring on any
+ * move, the monitor measured libarrow's 1 GiB arena 38-40 times a second, at the cost
+ * bound, 0.84-0.89 % of the workers' CPU time; with this step, 3-6 times a second,
+ * 0.07-0.14 % (monitor_stats' settles and settle_cpu_ns over 20 rounds). */
+#define MG_SETTLE_RSS_STEP ((int64_t)4 << 20)
 /* After the first MG_KIND_LIMIT record of a cell, another is sent each time the measure has
  * grown by this fraction of the limit (so the alert is updated in place, not repeated). */
 #define MG_LIMIT_STEP 0.02
@@ -106,6 +115,12 @@ uint64_t mg_monitor_polls(void);
 /* Records sent, and records dropped because the peer was absent or slow (EAGAIN). */
 uint64_t mg_monitor_sent(void);
 uint64_t mg_monitor_dropped(void);
+
+/* Measures of the native mappings the monitor thread made (monitor_settle), and the CPU
+ * time they took (ns, CLOCK_THREAD_CPUTIME_ID), since the process began: what the settle
+ * rule below costs, for benches and `%memguard status`. Any thread. */
+uint64_t mg_monitor_settles(void);
+uint64_t mg_monitor_settle_cpu_ns(void);
 
 /* Register the pthread_atfork child handler: a forked child disables counting and forgets
  * (leaks) the parent's monitor state, since its thread does not exist in the child and its

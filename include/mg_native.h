@@ -31,11 +31,12 @@ int mg_native_uninstall(void);
  * (records being edited elsewhere are skipped). */
 void mg_native_settle_at(int64_t rss);
 
-/* 0 when a measure now would find nothing new: RSS (`rss`, bytes, just read) is what the
- * last mg_native_settle_at followed and no mapping record was added, cut or removed since
- * it began (resident pages of a mapping cannot grow without RSS growing, unless other
- * memory shrank by as much in between); else 1. Any thread; relaxed. */
-int mg_native_settle_needed(int64_t rss);
+/* 0 when a measure now would find nothing that matters: RSS (`rss`, bytes, just read) is
+ * within `slack` bytes (>= 0; 0: the same) of what the last mg_native_settle_at followed,
+ * and no mapping record was added, cut or removed since it began (resident pages of a
+ * mapping cannot grow by more than RSS grew, unless other memory shrank by as much in
+ * between); else 1. Any thread; relaxed. */
+int mg_native_settle_needed(int64_t rss, int64_t slack);
 
 /* 1 when the native hooks are installed and hold at least one live mapping record (what
  * mg_native_settle_at would measure), else 0. Any thread; relaxed (a record added meanwhile

@@ -3,6 +3,8 @@
 #include <dirent.h>
 #include <errno.h>
 #include <signal.h>
+#include <stdatomic.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,6 +24,45 @@
 static void *s_ctx;
 static void *s_pull;
 static char s_endpoint[128];
+
+/* Stand-ins for csrc/hooks_native.c's settle functions, which monitor.c declares weak
+ * (t_settle_spaced_by_its_cost). Off, they measure nothing and say nothing is needed.
+ * s_settle_on: written by the test thread, read by the monitor (relaxed: a poll that sees
+ * the old value merely settles one poll later or sooner). The others: written by the
+ * monitor thread (relaxed RMW or store), read by the test thread after mg_monitor_stop
+ * joined it. */
+static _Atomic int s_settle_on = 0;
+static _Atomic int s_settle_calls = 0;
+static _Atomic int64_t s_settle_slack = -1;
+
+static int64_t thread_cpu_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+int mg_native_settle_needed(int64_t rss, int64_t slack)
+{
+    (void)rss;
+    atomic_store_explicit(&s_settle_slack, slack, memory_order_relaxed);
+    return atomic_load_explicit(&s_settle_on, memory_order_relaxed);
+}
+
+/* On: 2 ms of this thread's CPU time, as a large mapping's mincore walk would take. */
+void mg_native_settle_at(int64_t rss)
+{
+    int64_t until;
+
+    (void)rss;
+    if (!atomic_load_explicit(&s_settle_on, memory_order_relaxed))
+        return;
+    atomic_fetch_add_explicit(&s_settle_calls, 1, memory_order_relaxed);
+    until = thread_cpu_ns() + 2000000;
+    while (thread_cpu_ns() < until) {
+    }
+}
 
 static int recv_wire(mg_wire_t *w, int timeout_ms)
 {
@@ -333,6 +374,39 @@ static void t_longest_period_sleeps_it_whole_despite_signals(void)
     sigaction(SIGUSR1, &old, NULL);
 }
 
+/* The monitor measures native mappings at RSS samples (every 10 ms at a 1 ms period) when
+ * told RSS moved by more than MG_SETTLE_RSS_STEP, but no sooner than MG_SETTLE_COST_RATIO
+ * times the last measure's CPU time after it: with every measure taking 2 ms of CPU and
+ * needed at every sample, they come at least 200 ms apart, not 10, and its counters give
+ * their number and CPU time. */
+static void t_settle_spaced_by_its_cost(void)
+{
+    uint64_t settles0 = mg_monitor_settles();
+    uint64_t cpu0 = mg_monitor_settle_cpu_ns();
+    double t0;
+    double elapsed;
+    int calls;
+
+    fresh();
+    atomic_store_explicit(&s_settle_calls, 0, memory_order_relaxed);
+    atomic_store_explicit(&s_settle_on, 1, memory_order_relaxed);
+    t0 = now_s();
+    check_int(mg_monitor_start(s_endpoint, 1, NULL), ==, 0);
+    while (atomic_load_explicit(&s_settle_calls, memory_order_relaxed) < 3 && now_s() < t0 + 20)
+        usleep(1000);
+    check_int(mg_monitor_stop(), ==, 0);
+    elapsed = now_s() - t0;
+    atomic_store_explicit(&s_settle_on, 0, memory_order_relaxed);
+    calls = atomic_load_explicit(&s_settle_calls, memory_order_relaxed);
+    check_int(calls, >=, 3);
+    /* n measures span at least (n - 1) x 200 ms: the first comes at the first sample. */
+    check_double(elapsed, >=, (calls - 1) * 0.2 * 0.95);
+    check_int(atomic_load_explicit(&s_settle_slack, memory_order_relaxed), ==,
+              MG_SETTLE_RSS_STEP);
+    check_uint(mg_monitor_settles() - settles0, ==, (uint64_t)calls);
+    check_uint(mg_monitor_settle_cpu_ns() - cpu0, >=, (uint64_t)calls * 2000000u);
+}
+
 int main(void)
 {
     int linger = 0;
@@ -349,7 +423,7 @@ int main(void)
         test_skip_all("cannot bind an ipc:// endpoint in /tmp");
     if (mg_monitor_atfork_register() != 0)
         test_skip_all("pthread_atfork failed");
-    plan(9);
+    plan(10);
     TEST(t_budget_event_arrives_as_a_record(), "a budget event in the ring reaches the PULL peer as a 64-byte record");
     TEST(t_peak_growth_sends_an_update(), "peak growth of more than 10% after an alert sends an update record");
     TEST(t_second_start_says_ealready(), "starting a running relay fails with EALREADY");
@@ -359,6 +433,8 @@ int main(void)
     TEST(t_limit_and_rss_budget_records(), "the monitor sends a limit record past the fraction and a budget record for untracked RSS growth");
     TEST(t_longest_period_sleeps_it_whole_despite_signals(),
          "a 1000 ms period sleeps a whole second between polls, even when signals interrupt it");
+    TEST(t_settle_spaced_by_its_cost(),
+         "native settles needed at every sample are spaced by 100 times their CPU time, and counted");
     TEST(t_lent_context_reaches_inproc_peer(), "in a lent context the monitor reaches an inproc:// peer and leaves the context alive");
     zmq_close(s_pull);
     zmq_ctx_term(s_ctx);

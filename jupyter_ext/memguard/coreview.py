@@ -165,13 +165,15 @@ class Record(typing.NamedTuple):
 
 
 class MonitorStats(typing.NamedTuple):
-    """``_core.monitor_stats()``: counts of records (no unit)."""
+    """``_core.monitor_stats()``: counts of records and measures (no unit unless named)."""
 
     running: bool
     pending: int  # events not yet forwarded by the monitor
     sent: int  # records sent since the process began (spans loads)
     dropped: int  # records the relay was not there to take
     ring_dropped: int  # events lost because the ring was full
+    settles: int  # the monitor's measures of native mappings (resident pages)
+    settle_cpu_ns: int  # the CPU time those measures took (ns)
 
 
 def monitor_stats(core):
