@@ -31,7 +31,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 .PHONY: all demo test ctest pytest check-asan check-valgrind check-tsan test-compat lock clean deps \
 	fuzz fuzz-short check-sanitize \
 	bench bench-latency bench-launcher bench-attribution bench-monitor bench-overhead bench-paired bench-quick bench-callgrind \
-	test-browser bench-dask bench-dask-callgrind pytest-rest test-matrix lock-matrix
+	test-browser bench-dask bench-dask-callgrind bench-dask-per-task pytest-rest test-matrix lock-matrix
 
 all: .stamp-installed
 
@@ -182,7 +182,7 @@ check-valgrind: $(C_TESTS)
 # --- benchmarks -------------------------------------------------------------------------
 # `make bench` runs every benchmark; each writes its figures to build/.
 bench: bench-latency bench-attribution bench-monitor bench-overhead bench-paired bench-launcher \
-	bench-dask
+	bench-dask bench-dask-per-task
 
 # Alert latency (bench/alert_latency.py): crossing allocation -> IOPub alert at a client,
 # p50/p99/max per scenario; BENCH_ARGS="--quick" or "--runs 50" to change it.
@@ -203,6 +203,11 @@ bench-dask: .stamp-installed
 # The same workloads in instructions per worker thread, the workers under callgrind.
 bench-dask-callgrind: .stamp-installed
 	$(VPY) bench/dask_overhead.py --callgrind $(BENCH_ARGS)
+
+# What memguard costs a worker per task (its begin and finish, thread CPU time) and what its
+# monitor's native measures cost, in situ on one memguard cluster; build/bench_dask_per_task.json.
+bench-dask-per-task: .stamp-installed
+	$(VPY) bench/dask_overhead.py --per-task $(BENCH_ARGS)
 
 # Line attribution's cost below and above its threshold (bench/attribution_overhead.py).
 bench-attribution: .stamp-installed

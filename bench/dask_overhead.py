@@ -4,7 +4,9 @@ with ``memguard.dask.install(client)``.
 
 Run: ``python bench/dask_overhead.py [--quick] [--reps N] [--cluster-pairs N]`` (``make
 bench-dask``, part of ``make bench``); ``--callgrind [--rounds N] [--blocks N]`` for
-instruction counts.
+instruction counts; ``--per-task [--rounds N]`` (``make bench-dask-per-task``) for
+memguard's CPU time per task in the workers and its monitor's measures of native mappings
+(per_task_main).
 
 Wall time is measured in lockstep: a plain and a memguard driver process stay up side by
 side, each with its own cluster (``--serve``), and each round of a workload on one is
@@ -413,6 +415,88 @@ def callgrind_main(workloads, rounds, blocks):
                   indent=2)
 
 
+def _instrument_guard(dask_worker):
+    """In a memguard worker: wrap its guard's ``begin`` and ``finish`` to sum their thread
+    CPU time (ns) and calls (``--per-task``)."""
+    from memguard.dask import PLUGIN_NAME
+
+    guard = dask_worker.plugins[PLUGIN_NAME]._guard
+    acc = guard._bench_acc = {"begin": [0, 0], "finish": [0, 0]}
+    for name in ("begin", "finish"):
+        def timed(key, _orig=getattr(guard, name), _acc=acc[name]):
+            t0 = time.thread_time_ns()
+            try:
+                return _orig(key)
+            finally:
+                _acc[0] += time.thread_time_ns() - t0
+                _acc[1] += 1
+        setattr(guard, name, timed)
+
+
+def _per_task_counters(dask_worker):
+    """The instrumented guard's sums, the process's CPU seconds and the monitor's measures of
+    native mappings (count, CPU ns)."""
+    import psutil
+    from memguard import _core
+    from memguard.dask import PLUGIN_NAME
+
+    t = psutil.Process().cpu_times()
+    stats = _core.monitor_stats()
+    acc = dask_worker.plugins[PLUGIN_NAME]._guard._bench_acc
+    return {"begin": list(acc["begin"]), "finish": list(acc["finish"]),
+            "cpu": t.user + t.system, "settles": stats["settles"],
+            "settle_cpu_ns": stats["settle_cpu_ns"]}
+
+
+def per_task_main(workloads, rounds, n_workers=2):
+    """``--per-task``: what memguard costs a worker per task, in situ. One memguard cluster;
+    per workload, a warm-up round, then ``rounds`` rounds with the thread CPU time of each
+    ``WorkerGuard.begin`` and ``finish`` summed in the workers (the event loop runs them
+    before a task starts and after it ends), against the workers' CPU time over the same
+    rounds; and the monitor thread's measures of native mappings (_core.monitor_stats).
+    Reported, not judged. Writes build/bench_dask_per_task.json."""
+    from distributed import Client, LocalCluster
+
+    import memguard.dask
+
+    table = {}
+    with LocalCluster(processes=True, n_workers=n_workers, threads_per_worker=1,
+                      dashboard_address=None, silence_logs=50) as cluster, \
+            Client(cluster) as client:
+        memguard.dask.install(client)
+        client.run(_instrument_guard)
+        print(f"{'workload':32} {'tasks/worker/round':>18} {'begin us':>9} {'finish us':>10} "
+              f"{'of CPU':>7}   monitor's native measures")
+        for name, (make, args) in workloads.items():
+            compute = make(*args)
+            baseline = client.run_on_scheduler(_scheduler_tasks)
+            compute()
+            _settled(client, baseline)
+            before = client.run(_per_task_counters)
+            for _ in range(rounds):
+                compute()
+                _settled(client, baseline)
+            after = client.run(_per_task_counters)
+            d = {k: sum(after[w][k] - before[w][k] if not isinstance(after[w][k], list)
+                        else after[w][k][0] - before[w][k][0] for w in after)
+                 for k in ("begin", "finish", "cpu", "settles", "settle_cpu_ns")}
+            tasks = sum(after[w]["begin"][1] - before[w]["begin"][1] for w in after)
+            row = {"tasks": tasks, "rounds": rounds, "workers": n_workers,
+                   "begin_us": d["begin"] / 1e3 / max(tasks, 1),
+                   "finish_us": d["finish"] / 1e3 / max(tasks, 1),
+                   "per_task_cpu_share": (d["begin"] + d["finish"]) / 1e9 / d["cpu"],
+                   "workers_cpu_s": d["cpu"], "settles": d["settles"],
+                   "settle_cpu_share": d["settle_cpu_ns"] / 1e9 / d["cpu"]}
+            table[name] = row
+            print(f"{name:32} {tasks / rounds / n_workers:18.1f} {row['begin_us']:9.1f} "
+                  f"{row['finish_us']:10.1f} {100 * row['per_task_cpu_share']:6.2f}%   "
+                  f"{d['settles']} ({100 * row['settle_cpu_share']:.2f} % of the workers' CPU)")
+        memguard.dask.uninstall(client)
+    os.makedirs("build", exist_ok=True)
+    with open(os.path.join("build", "bench_dask_per_task.json"), "w") as fh:
+        json.dump({"mode": "per-task", "workloads": table}, fh, indent=2)
+
+
 def make_workloads(quick):
     return {
         "dask.array chunked reduction": (array_reduction, (4000, 500) if quick
@@ -437,8 +521,12 @@ def main(argv=None):
     parser.add_argument("--callgrind", action="store_true",
                         help="instruction counts of the workers' threads under callgrind "
                              "(quick inputs, 2 rounds per cluster by default)")
+    parser.add_argument("--per-task", action="store_true",
+                        help="memguard's per-task CPU time in the workers and the monitor's "
+                             "native measures, in situ (10 rounds by default)")
     parser.add_argument("--rounds", type=int, default=None,
-                        help="with --callgrind: rounds per cluster (default 2)")
+                        help="with --callgrind: rounds per cluster (default 2); with "
+                             "--per-task: rounds per workload (default 10)")
     parser.add_argument("--blocks", type=int, default=None,
                         help="with --callgrind: blocks of four clusters, plain, memguard, "
                              "memguard, plain (default 1)")
@@ -450,6 +538,12 @@ def main(argv=None):
     warnings.filterwarnings("ignore", message="Sending large graph")  # from_pandas's frame
     if args.serve:
         serve(args.serve, make_workloads(args.quick), args.reply_fd, args.workers)
+        return
+    if args.per_task:
+        rounds = args.rounds if args.rounds is not None else 10
+        if rounds < 1 or args.workers < 1:
+            parser.error("--rounds and --workers must be at least 1")
+        per_task_main(make_workloads(args.quick), rounds, args.workers)
         return
     if args.callgrind:
         rounds = args.rounds if args.rounds is not None else 2
