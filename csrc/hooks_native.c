@@ -174,10 +174,9 @@ static map_rec_t *map_claim_free(void)
 /* What the last measure (mg_native_settle_at) followed, so a caller can skip one that
  * would find nothing new, or too little to matter (mg_native_settle_needed's slack):
  * s_settled_rss, the RSS (bytes) read just before it began (-1: none), and s_settled_gen,
- * the value s_maps_gen had then. s_maps_gen
- * counts changes to the records (added, cut, removed: map_publish, map_removed,
- * maps_reset, from any thread's mmap-family wrapper), since pages can move from an
- * unmapped mapping to a new one with RSS unchanged. All relaxed: s_maps_gen by RMW; the
+ * the value s_maps_gen had then. s_maps_gen counts changes to the records (added, cut,
+ * removed: map_publish, map_removed, maps_reset, from any thread's mmap-family wrapper),
+ * since pages can move from an unmapped mapping to a new one with RSS unchanged. All relaxed: s_maps_gen by RMW; the
  * other two are written by whichever thread measures (the monitor, a cell's end), gen after
  * rss, and a reader that sees one store and not the other compares against an older
  * generation, which can only make it measure again. */

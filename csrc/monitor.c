@@ -189,9 +189,9 @@ static int64_t clock_ns(clockid_t clock)
 
 /* Measure the native mappings (mg_native_settle_at) at an RSS sample when RSS moved by
  * more than MG_SETTLE_RSS_STEP or a mapping came or went since they were last measured
- * (mg_native_settle_needed), or
- * MG_SETTLE_MAX_MS passed, and no sooner than MG_SETTLE_COST_RATIO
- * times the CPU time the last measure took after it (mg_monitor.h). CPU time, not wall
+ * (mg_native_settle_needed), or MG_SETTLE_MAX_MS passed, and no sooner than
+ * MG_SETTLE_COST_RATIO times the CPU time the last measure took after it (mg_monitor.h);
+ * count the measures and their CPU time (mg_monitor_settles). CPU time, not wall
  * time: a monitor thread preempted on a busy machine would otherwise space the measures
  * far apart, and a budget alert on Arrow's memory could come after its cell ended. */
 static void monitor_settle(monitor_state_t *st, int64_t sampled, unsigned tick,

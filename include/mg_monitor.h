@@ -117,8 +117,9 @@ uint64_t mg_monitor_sent(void);
 uint64_t mg_monitor_dropped(void);
 
 /* Measures of the native mappings the monitor thread made (monitor_settle), and the CPU
- * time they took (ns, CLOCK_THREAD_CPUTIME_ID), since the process began: what the settle
- * rule below costs, for benches and `%memguard status`. Any thread. */
+ * time they took (ns, CLOCK_THREAD_CPUTIME_ID), since the process began: what the rule of
+ * MG_SETTLE_RSS_STEP and MG_SETTLE_COST_RATIO costs (bench/dask_overhead.py --per-task).
+ * Any thread. */
 uint64_t mg_monitor_settles(void);
 uint64_t mg_monitor_settle_cpu_ns(void);
 
