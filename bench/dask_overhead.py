@@ -6,7 +6,7 @@ Run: ``python bench/dask_overhead.py [--quick] [--reps N] [--cluster-pairs N]`` 
 bench-dask``, part of ``make bench``); ``--callgrind [--rounds N] [--blocks N]`` for
 instruction counts; ``--per-task [--rounds N]`` (``make bench-dask-per-task``) for
 memguard's CPU time per task in the workers and its monitor's measures of native mappings
-(per_task_main).
+(per_task_main); ``--pool FILE...`` to pool several runs' JSON (pool_main).
 
 Wall time is measured in lockstep: a plain and a memguard driver process stay up side by
 side, each with its own cluster (``--serve``), and each round of a workload on one is
@@ -497,6 +497,36 @@ def per_task_main(workloads, rounds, n_workers=2):
         json.dump({"mode": "per-task", "workloads": table}, fh, indent=2)
 
 
+def pool_main(paths):
+    """``--pool FILE...``: the paired figures of several runs' build/bench_dask.json files
+    pooled, as if one run had all their pairs of drivers (paired_stats.median_ci over them
+    all). Runs on different days or machine states differ by more than one run's interval
+    allows (2026-12-04: the group-by read 1.019 and 0.996, same code), so their pool is the
+    better figure. Prints the table; writes nothing."""
+    runs = []
+    for path in paths:
+        try:
+            with open(path) as fh:
+                run = json.load(fh)
+        except (OSError, ValueError) as exc:
+            sys.exit(f"{path}: {exc}")
+        if not isinstance(run, dict) or run.get("mode") != "paired":
+            sys.exit(f"{path}: not a paired run's bench_dask.json")
+        runs.append(run)
+    print(f"{'workload':32} {'pairs':>6} {'ratio':>7} {'95 % CI':>13}   {'CPU':>6}   "
+          f"target {TARGET}  ({len(runs)} runs)")
+    for name in runs[0]["workloads"]:
+        rows = [r["workloads"][name] for r in runs if name in r["workloads"]]
+        groups = [g for row in rows for g in row["by_driver_pair"]]
+        ratios = [x for g in groups for x in g]
+        ci = paired_stats.median_ci(groups)
+        cpu = (sum(row["memguard_cpu_total_s"] for row in rows)
+               / sum(row["plain_cpu_total_s"] for row in rows))
+        print(f"{name:32} {len(ratios):6d} {statistics.median(ratios):6.3f}x "
+              f"{ci[0]:.3f}-{ci[1]:.3f}   {cpu:5.3f}x   "
+              f"{paired_stats.verdict(ci, TARGET)}")
+
+
 def make_workloads(quick):
     return {
         "dask.array chunked reduction": (array_reduction, (4000, 500) if quick
@@ -532,12 +562,18 @@ def main(argv=None):
                              "memguard, plain (default 1)")
     parser.add_argument("--workers", type=int, default=2,
                         help="process workers per cluster, 1 thread each (default 2)")
+    parser.add_argument("--pool", nargs="+", metavar="FILE",
+                        help="pool the paired figures of several runs' bench_dask.json files "
+                             "(copies of build/bench_dask.json) and print them")
     parser.add_argument("--serve", choices=("plain", "memguard"), help=argparse.SUPPRESS)
     parser.add_argument("--reply-fd", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message="Sending large graph")  # from_pandas's frame
     if args.serve:
         serve(args.serve, make_workloads(args.quick), args.reply_fd, args.workers)
+        return
+    if args.pool:
+        pool_main(args.pool)
         return
     if args.per_task:
         rounds = args.rounds if args.rounds is not None else 10
