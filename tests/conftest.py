@@ -52,6 +52,14 @@ class Execution:
     def alerts_of(self, kind):
         return [a for a in self.alerts if a[2]["kind"] == kind]
 
+    def sent_before_reply(self, msg):
+        """Whether the kernel sent IOPub message ``msg`` before this request's execute_reply,
+        by the kernel's own clock (the headers' dates). Arrival times cannot say: execute
+        polls IOPub and the shell channel in turn, so a message the kernel sent a fraction
+        of a millisecond before the reply (an alert published by post_run_cell's drain)
+        may be read after it."""
+        return msg["header"]["date"] <= self.reply["header"]["date"]
+
     @property
     def stdout(self):
         return "".join(m["content"]["text"] for _, m in self.messages

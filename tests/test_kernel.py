@@ -112,14 +112,14 @@ def test_sparse_to_dense_alert_names_the_densifying_line(kernel):
     nnz, sparse_bytes = map(int, ex.stdout.split())
     alerts = ex.alerts_of("sparse_to_dense")
     assert len(alerts) == 1, ex.alerts
-    t, _, alert, msg = alerts[0]
+    _, _, alert, msg = alerts[0]
     assert alert["line"] == 5 and alert["cell"] == ex.execution_count
     assert alert["format"] == "csr" and alert["shape"] == [12000, 12000]
     assert alert["dtype"] == "float64" and alert["nnz"] == nnz
     assert alert["sparse_bytes"] == sparse_bytes
     assert alert["dense_bytes"] == 12000 * 12000 * 8 == alert["bytes"]
     assert msg["parent_header"]["msg_id"] == ex.msg_id
-    assert t < ex.reply_time
+    assert ex.sent_before_reply(msg)
 
 
 def test_todense_on_csc_is_caught_and_repeats_update_one_alert(kernel):
