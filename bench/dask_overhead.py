@@ -212,13 +212,12 @@ def verdict(row):
 
 
 def paired(names, quick, cluster_pairs, reps, n_workers=2):
-    """Per workload: the pairs' ratios (memguard / plain, neighbouring rounds), their
-    median, and the workers' CPU time summed over the counted rounds of each
+    """Per workload (summarize): the pairs' ratios (memguard / plain, neighbouring rounds),
+    their median, and the workers' CPU time summed over the counted rounds of each
     configuration. The first round of each workload on each driver warms it up (imports,
     first touch of the workers' memory) and is not counted."""
     import tempfile
 
-    ratios = {n: [] for n in names}
     by_driver_pair = {n: [] for n in names}
     walls = {(n, c): [] for n in names for c in ("plain", "memguard")}
     cpu = {(n, c): 0.0 for n in names for c in ("plain", "memguard")}
@@ -239,27 +238,45 @@ def paired(names, quick, cluster_pairs, reps, n_workers=2):
                         for c in order:
                             walls[(name, c)].append(got[c][0])
                             cpu[(name, c)] += got[c][1]
-                        ratios[name].append(got["memguard"][0] / got["plain"][0])
-                        by_driver_pair[name][-1].append(ratios[name][-1])
+                        by_driver_pair[name][-1].append(got["memguard"][0] / got["plain"][0])
             finally:
                 for d in drivers.values():
                     d.finish()
             print(f"  driver pair {k + 1}/{cluster_pairs} done "
                   f"({time.monotonic() - t_start:.0f} s)", file=sys.stderr)
-    table = {}
-    for name in names:
-        r = sorted(ratios[name])
-        q = statistics.quantiles(r, n=4) if len(r) >= 2 else [r[0], r[0], r[0]]
-        table[name] = {"ratio": statistics.median(r), "pair_ratios": r,
-                       "middle_half": [q[0], q[2]],
-                       "median_ci95": paired_stats.median_ci(by_driver_pair[name]),
-                       "by_driver_pair": by_driver_pair[name],
-                       "plain_s": statistics.median(walls[(name, "plain")]),
-                       "walls": {c: walls[(name, c)] for c in ("plain", "memguard")},
-                       "plain_cpu_total_s": cpu[(name, "plain")],
-                       "memguard_cpu_total_s": cpu[(name, "memguard")],
-                       "cpu_total_ratio": cpu[(name, "memguard")] / cpu[(name, "plain")]}
-    return table
+    return {name: summarize(by_driver_pair[name],
+                            {c: walls[(name, c)] for c in ("plain", "memguard")},
+                            cpu[(name, "plain")], cpu[(name, "memguard")])
+            for name in names}
+
+
+def summarize(by_driver_pair, walls, plain_cpu_s, memguard_cpu_s):
+    """A workload's row from its pairs' ratios, grouped by pair of drivers, its rounds' wall
+    times ``walls[config]`` (seconds) and its workers' CPU seconds per configuration: the
+    median ratio with its 95 % interval (paired_stats.median_ci), the middle half, the
+    median plain round, the CPU ratio and the verdict against TARGET."""
+    r = sorted(x for group in by_driver_pair for x in group)
+    q = statistics.quantiles(r, n=4) if len(r) >= 2 else [r[0], r[0], r[0]]
+    row = {"ratio": statistics.median(r), "pair_ratios": r, "middle_half": [q[0], q[2]],
+           "median_ci95": paired_stats.median_ci(by_driver_pair),
+           "by_driver_pair": by_driver_pair, "plain_s": statistics.median(walls["plain"]),
+           "walls": walls, "plain_cpu_total_s": plain_cpu_s,
+           "memguard_cpu_total_s": memguard_cpu_s,
+           "cpu_total_ratio": memguard_cpu_s / plain_cpu_s}
+    row["verdict"] = verdict(row)
+    return row
+
+
+def print_table(table, title=""):
+    """The rows of ``table`` (workload name -> summarize's row), one line each."""
+    print(f"{'workload':32} {'pairs':>5} {'ratio':>7} {'95 % CI':>13} {'middle half':>13} "
+          f"{'plain s':>8}   {'CPU, all rounds':>15}   target {TARGET}{title}")
+    for name, row in table.items():
+        ci = f"{row['median_ci95'][0]:.3f}-{row['median_ci95'][1]:.3f}"
+        half = f"{row['middle_half'][0]:.3f}-{row['middle_half'][1]:.3f}"
+        print(f"{name:32} {len(row['pair_ratios']):5d} {row['ratio']:6.3f}x {ci:>13} "
+              f"{half:>13} {row['plain_s']:8.3f}   {row['cpu_total_ratio']:14.3f}x   "
+              f"{row['verdict']}")
 
 
 ORDER = ("plain", "memguard", "memguard", "plain")  # one block; pairs (0, 1) and (2, 3)
@@ -421,15 +438,16 @@ def _instrument_guard(dask_worker):
     from memguard.dask import PLUGIN_NAME
 
     guard = dask_worker.plugins[PLUGIN_NAME]._guard
-    acc = guard._bench_acc = {"begin": [0, 0], "finish": [0, 0]}
+    acc = guard._bench_acc = dict.fromkeys(("begin_ns", "begin_calls", "finish_ns",
+                                            "finish_calls"), 0)
     for name in ("begin", "finish"):
-        def timed(key, _orig=getattr(guard, name), _acc=acc[name]):
+        def timed(key, _orig=getattr(guard, name), _name=name):
             t0 = time.thread_time_ns()
             try:
                 return _orig(key)
             finally:
-                _acc[0] += time.thread_time_ns() - t0
-                _acc[1] += 1
+                acc[f"{_name}_ns"] += time.thread_time_ns() - t0
+                acc[f"{_name}_calls"] += 1
         setattr(guard, name, timed)
 
 
@@ -442,10 +460,8 @@ def _per_task_counters(dask_worker):
 
     t = psutil.Process().cpu_times()
     stats = _core.monitor_stats()
-    acc = dask_worker.plugins[PLUGIN_NAME]._guard._bench_acc
-    return {"begin": list(acc["begin"]), "finish": list(acc["finish"]),
-            "cpu": t.user + t.system, "settles": stats["settles"],
-            "settle_cpu_ns": stats["settle_cpu_ns"]}
+    return dict(dask_worker.plugins[PLUGIN_NAME]._guard._bench_acc, cpu=t.user + t.system,
+                settles=stats["settles"], settle_cpu_ns=stats["settle_cpu_ns"])
 
 
 def per_task_main(workloads, rounds, n_workers=2):
@@ -477,14 +493,13 @@ def per_task_main(workloads, rounds, n_workers=2):
                 compute()
                 _settled(client, baseline)
             after = client.run(_per_task_counters)
-            d = {k: sum(after[w][k] - before[w][k] if not isinstance(after[w][k], list)
-                        else after[w][k][0] - before[w][k][0] for w in after)
-                 for k in ("begin", "finish", "cpu", "settles", "settle_cpu_ns")}
-            tasks = sum(after[w]["begin"][1] - before[w]["begin"][1] for w in after)
+            d = {k: sum(after[w][k] - before[w][k] for w in after)
+                 for k in next(iter(after.values()))}
+            tasks = d["begin_calls"]
             row = {"tasks": tasks, "rounds": rounds, "workers": n_workers,
-                   "begin_us": d["begin"] / 1e3 / max(tasks, 1),
-                   "finish_us": d["finish"] / 1e3 / max(tasks, 1),
-                   "per_task_cpu_share": (d["begin"] + d["finish"]) / 1e9 / d["cpu"],
+                   "begin_us": d["begin_ns"] / 1e3 / max(tasks, 1),
+                   "finish_us": d["finish_ns"] / 1e3 / max(tasks, 1),
+                   "per_task_cpu_share": (d["begin_ns"] + d["finish_ns"]) / 1e9 / d["cpu"],
                    "workers_cpu_s": d["cpu"], "settles": d["settles"],
                    "settle_cpu_share": d["settle_cpu_ns"] / 1e9 / d["cpu"]}
             table[name] = row
@@ -499,10 +514,10 @@ def per_task_main(workloads, rounds, n_workers=2):
 
 def pool_main(paths):
     """``--pool FILE...``: the paired figures of several runs' build/bench_dask.json files
-    pooled, as if one run had all their pairs of drivers (paired_stats.median_ci over them
-    all). Runs on different days or machine states differ by more than one run's interval
-    allows (2026-12-04: the group-by read 1.019 and 0.996, same code), so their pool is the
-    better figure. Prints the table; writes nothing."""
+    pooled, as if one run had all their pairs of drivers (summarize over them all). Runs on
+    different days or machine states differ by more than one run's interval allows
+    (2026-12-04: the group-by read 1.019 and 0.996, same code), so their pool is the better
+    figure. Prints the table; writes nothing."""
     runs = []
     for path in paths:
         try:
@@ -513,18 +528,15 @@ def pool_main(paths):
         if not isinstance(run, dict) or run.get("mode") != "paired":
             sys.exit(f"{path}: not a paired run's bench_dask.json")
         runs.append(run)
-    print(f"{'workload':32} {'pairs':>6} {'ratio':>7} {'95 % CI':>13}   {'CPU':>6}   "
-          f"target {TARGET}  ({len(runs)} runs)")
+    table = {}
     for name in runs[0]["workloads"]:
         rows = [r["workloads"][name] for r in runs if name in r["workloads"]]
-        groups = [g for row in rows for g in row["by_driver_pair"]]
-        ratios = [x for g in groups for x in g]
-        ci = paired_stats.median_ci(groups)
-        cpu = (sum(row["memguard_cpu_total_s"] for row in rows)
-               / sum(row["plain_cpu_total_s"] for row in rows))
-        print(f"{name:32} {len(ratios):6d} {statistics.median(ratios):6.3f}x "
-              f"{ci[0]:.3f}-{ci[1]:.3f}   {cpu:5.3f}x   "
-              f"{paired_stats.verdict(ci, TARGET)}")
+        table[name] = summarize(
+            [g for row in rows for g in row["by_driver_pair"]],
+            {c: [t for row in rows for t in row["walls"][c]] for c in ("plain", "memguard")},
+            sum(row["plain_cpu_total_s"] for row in rows),
+            sum(row["memguard_cpu_total_s"] for row in rows))
+    print_table(table, f"  ({len(runs)} runs pooled)")
 
 
 def make_workloads(quick):
@@ -602,14 +614,7 @@ def main(argv=None):
     if args.workers < 1:
         parser.error("--workers must be at least 1")
     table = paired(names, args.quick, pairs, reps, args.workers)
-    print(f"{'workload':32} {'ratio':>7} {'95 % CI':>13} {'middle half':>13} {'plain s':>8}   "
-          f"{'CPU, all rounds':>15}   target {TARGET}")
-    for name, row in table.items():
-        row["verdict"] = verdict(row)
-        ci = f"{row['median_ci95'][0]:.3f}-{row['median_ci95'][1]:.3f}"
-        half = f"{row['middle_half'][0]:.3f}-{row['middle_half'][1]:.3f}"
-        print(f"{name:32} {row['ratio']:6.3f}x {ci:>13} {half:>13} {row['plain_s']:8.3f}   "
-              f"{row['cpu_total_ratio']:14.3f}x   {row['verdict']}")
+    print_table(table)
     os.makedirs("build", exist_ok=True)
     with open(os.path.join("build", "bench_dask.json"), "w") as fh:
         json.dump({"mode": "paired", "reps": reps, "cluster_pairs": pairs, "workers": args.workers,
